@@ -1,0 +1,183 @@
+"""The per-pair variational information bottleneck of M2IB (Wang et al. 2023, after IBA, Schulz et al. 2020).
+
+For a hidden state R (tokens x channels) of one modality, a learnable alpha gives lambda = sigmoid(alpha)
+and Z = lambda * R + (1 - lambda) * eps. The capacity of each element is the KL divergence of
+p(z | r) = N(lambda r, (1 - lambda)^2 s^2) from the noise distribution q(z) = N(0, s^2):
+
+    KL = 0.5 * ((1 - lambda)^2 + (lambda r)^2 / s^2 - 1 - log (1 - lambda)^2)
+
+Two estimator modes:
+- "release": what the released code computes: r = R (raw activations), s^2 = 1; `var` has no effect.
+- "normalized": IBA-style. r = (R - m) / sd with m, sd the per-channel mean and standard deviation of the
+  pair's OWN hidden state over its real token positions (image: every token including the class token;
+  text: start-of-text .. end-of-text), sd floored at 1e-6; noise eps ~ N(0, var) in those standardised units
+  (s^2 = var), and Z is mapped back with Z * sd + m before the rest of the encoder. With var = 1 it is IBA's
+  estimator with per-sample statistics; larger var makes the same lambda destroy more information.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Optional
+
+import torch
+
+from m2ib.errors import InputError
+
+MODES = ("release", "normalized")
+
+
+@dataclass(frozen=True)
+class ModalityConfig:
+    """Hyperparameters of one modality's bottleneck (defaults: the release's ViT-B/32 CC setting)."""
+
+    layer: int = 9
+    beta: float = 0.1
+    var: float = 1.0
+    steps: int = 10
+    copies: int = 10
+    lr: float = 1.0
+    init_alpha: float = 5.0
+
+    def validate(self, modality: str) -> "ModalityConfig":
+        def bad(msg):
+            raise InputError(f"m2ib {modality}: {msg}")
+        if self.beta < 0:
+            bad(f"beta must be >= 0, got {self.beta}")
+        if not self.var > 0:
+            bad(f"var must be > 0, got {self.var}")
+        if self.steps < 1 or self.copies < 1:
+            bad(f"steps and copies must be >= 1, got steps={self.steps}, copies={self.copies}")
+        if not self.lr > 0:
+            bad(f"lr must be > 0, got {self.lr}")
+        return self
+
+
+@dataclass(frozen=True)
+class M2IBConfig:
+    """Both modalities' hyperparameters plus the estimator mode (see module docstring)."""
+
+    image: ModalityConfig = field(default_factory=ModalityConfig)
+    text: ModalityConfig = field(default_factory=ModalityConfig)
+    mode: str = "release"
+    amp: bool = False   # bf16 autocast of the encoder suffix, CUDA only
+
+    @classmethod
+    def from_kwargs(cls, **kw) -> "M2IBConfig":
+        """Flat keyword form: layer=9 sets both modalities, image_layer=9 / text_beta=1 set one."""
+        names = {f.name for f in fields(ModalityConfig)}
+        image, text, top = {}, {}, {}
+        for key, value in kw.items():
+            if key in names:
+                image[key] = text[key] = value
+            elif key.startswith("image_") and key[6:] in names:
+                image[key[6:]] = value
+            elif key.startswith("text_") and key[5:] in names:
+                text[key[5:]] = value
+            elif key in ("mode", "amp"):
+                top[key] = value
+            else:
+                raise InputError(f"unknown M2IB hyperparameter {key!r}; use one of {sorted(names)} "
+                                 f"(optionally prefixed image_/text_), mode, amp")
+        cfg = cls(ModalityConfig(**image), ModalityConfig(**text), **top)
+        return cfg.validate()
+
+    def validate(self) -> "M2IBConfig":
+        if self.mode not in MODES:
+            raise InputError(f"m2ib mode must be one of {MODES}, got {self.mode!r}")
+        self.image.validate("image")
+        self.text.validate("text")
+        return self
+
+    def for_modality(self, modality: str) -> ModalityConfig:
+        return self.image if modality == "image" else self.text
+
+
+def capacity(lam: torch.Tensor, r: torch.Tensor, noise_var: float = 1.0) -> torch.Tensor:
+    """Elementwise KL( N(lam r, (1-lam)^2 s^2) || N(0, s^2) ), s^2 = noise_var (module docstring)."""
+    var = (1 - lam) ** 2
+    return -0.5 * (1 + torch.log(var) - (lam * r) ** 2 / noise_var - var)
+
+
+def standardise(hidden: torch.Tensor, valid: torch.Tensor):
+    """Per-pair, per-channel mean and sd of hidden (B, N, C) over positions where valid (B, N)."""
+    w = valid[..., None].to(hidden.dtype)
+    n = w.sum(1, keepdim=True).clamp_min(1)
+    mean = (hidden * w).sum(1, keepdim=True) / n
+    sd = (((hidden - mean) ** 2 * w).sum(1, keepdim=True) / n).sqrt().clamp_min(1e-6)
+    return mean, sd
+
+
+def pair_generators(seeds, modality: str, device) -> list[torch.Generator]:
+    """One noise generator per pair, seeded from the pair's seed and the modality, so a pair's noise
+    does not depend on its batch."""
+    offset = 0 if modality == "image" else 1
+    return [torch.Generator(device=device).manual_seed(2 * int(s) + offset) for s in seeds]
+
+
+def draw_noise(generators, copies: int, lengths, shape_nc, device, dtype=torch.float32) -> torch.Tensor:
+    """(B, copies, N, C) standard normal noise; pair i draws (copies, lengths[i], C) from its own
+    generator (zeros after its length), so the draw matches a one-pair run exactly."""
+    N, C = shape_nc
+    out = torch.zeros(len(generators), copies, N, C, device=device, dtype=dtype)
+    for i, (g, n) in enumerate(zip(generators, lengths)):
+        out[i, :, :n] = torch.randn(copies, n, C, generator=g, device=device, dtype=dtype)
+    return out
+
+
+@dataclass
+class BottleneckResult:
+    capacity: torch.Tensor          # (B, N) capacity of the last forward, summed over channels, 0 where invalid
+    fitting: torch.Tensor           # (B,) mean cosine of the last forward
+    compression: torch.Tensor       # (B,) mean capacity of the last forward
+    history: Optional[list] = None
+
+
+def fit_bottleneck(adapter, modality: str, inputs, target: torch.Tensor, hp: ModalityConfig, mode: str,
+                   seeds, amp: bool = False) -> BottleneckResult:
+    """Optimise one bottleneck per pair for `hp.steps` Adam steps and return its capacity map.
+
+    The prefix up to block `hp.layer` and the other modality's embedding `target` (B, D) are constants of
+    the pair, computed once; only alpha gets gradients (weights are frozen); all pairs of the batch are
+    optimised together with independent parameters (their losses are summed, Adam is elementwise).
+    """
+    layer = adapter.check_layer(modality, hp.layer)
+    with torch.no_grad():
+        hidden = adapter.prefix(modality, inputs, layer).float()
+    finite = torch.isfinite(hidden).flatten(1).all(1)
+    if not finite.all():
+        raise InputError(f"non-finite {modality} activations at layer {layer} for batch rows "
+                         f"{(~finite).nonzero().flatten().tolist()}")
+    valid = adapter.token_positions(modality, inputs)[:, : hidden.shape[1]]
+    B, N, C = hidden.shape
+    if mode == "normalized":
+        mean, sd = standardise(hidden, valid)
+        r, noise_var = (hidden - mean) / sd, float(hp.var)
+    else:
+        mean = sd = None
+        r, noise_var = hidden, 1.0
+    vmask = valid[..., None].float()
+    lengths = valid.sum(1).tolist()
+    generators = pair_generators(seeds, modality, hidden.device)
+    alpha = torch.full((B, N, C), float(hp.init_alpha), device=hidden.device, requires_grad=True)
+    opt = torch.optim.Adam([alpha], lr=hp.lr)
+    target_rep = target.detach().float().repeat_interleave(hp.copies, 0)
+    n_elem = valid.sum(1).float() * C     # elements per pair: the compression term is their MEAN
+    use_amp = amp and hidden.device.type == "cuda"
+    for _ in range(hp.steps):
+        lam = torch.sigmoid(alpha)
+        kl = capacity(lam, r, noise_var) * vmask
+        eps = draw_noise(generators, hp.copies, lengths, (N, C), hidden.device)
+        z = (lam * r)[:, None] + ((1 - lam) * noise_var ** 0.5)[:, None] * eps
+        z = torch.where(valid[:, None, :, None], z, r[:, None])
+        if mode == "normalized":
+            z = z * sd[:, None] + mean[:, None]
+        z = z.reshape(B * hp.copies, N, C)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            emb = adapter.suffix(modality, z, inputs, layer)
+        fitting = (emb.float() * target_rep).sum(-1).reshape(B, hp.copies).mean(1)
+        compression = kl.sum((1, 2)) / n_elem
+        loss = (hp.beta * compression - fitting).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return BottleneckResult(kl.detach().sum(-1), fitting.detach(), compression.detach())

@@ -1,0 +1,142 @@
+"""The model adapter interface: the only place that knows a model family's internals.
+
+Methods (M2IB, baselines) and metrics talk to a model exclusively through this interface, so a new
+family (open_clip ResNet, hf-hub timm/BERT towers, HF transformers CLIP) is one new adapter.
+
+Conventions
+- modality is "image" or "text".
+- `layer` l means the hidden state AFTER block l (0-based). Valid bottleneck layers are
+  0 .. num_layers[modality] - 2: after the last block only the pooled token reaches the embedding.
+- Embeddings returned by encode/suffix are L2-normalised.
+- Image tensors are preprocessed (B, 3, H, W); text goes as a TextBatch.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from m2ib.errors import InputError
+from m2ib.types import TextBatch
+
+MODALITIES = ("image", "text")
+
+
+class ModelAdapter(abc.ABC):
+    """A frozen, eval-mode CLIP-like model seen through a small, model-agnostic surface."""
+
+    name: str
+    family: str
+    device: torch.device
+    image_size: tuple[int, int]     # preprocessed (H, W)
+    grid_size: tuple[int, int]      # patch grid (rows, cols) of the image tokens
+    num_layers: dict[str, int]      # blocks per modality
+    context_length: int
+    blank_token_id: int             # token used to "remove" a word (faithfulness metrics)
+
+    # ---- inputs -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> (B, 3, H, W) tensor on self.device, exactly as the model was trained."""
+
+    @abc.abstractmethod
+    def tokenize(self, captions: Sequence[str]) -> TextBatch:
+        """Captions -> TextBatch on self.device. Empty captions raise InputError; over-long ones are
+        truncated with a warning and flagged in TextBatch.truncated."""
+
+    @abc.abstractmethod
+    def box_to_input_frame(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        """(K, 4) x, y, w, h boxes in original pixels (original_size = (width, height)) -> the same
+        boxes in the preprocessed frame (after resize + centre crop), clipped to it."""
+
+    # ---- whole encoders -----------------------------------------------------------------
+    @abc.abstractmethod
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D) normalised embedding."""
+
+    @abc.abstractmethod
+    def encode_text(self, text: TextBatch) -> torch.Tensor:
+        """TextBatch -> (B, D) normalised embedding."""
+
+    def encode(self, modality: str, inputs) -> torch.Tensor:
+        return self.encode_image(inputs) if modality == "image" else self.encode_text(inputs)
+
+    # ---- split encoders (the bottleneck sits between prefix and suffix) --------------------
+    @abc.abstractmethod
+    def prefix(self, modality: str, inputs, layer: int) -> torch.Tensor:
+        """Hidden state after block `layer`: (B, N, C) for images (N includes any class token),
+        (B, T', C) for text where T' may be shorter than the context (cut after the last EOT)."""
+
+    @abc.abstractmethod
+    def suffix(self, modality: str, hidden: torch.Tensor, inputs, layer: int) -> torch.Tensor:
+        """The rest of the encoder from the hidden state after block `layer` to the normalised
+        embedding. `hidden` may have more rows than `inputs` (copies): rows are grouped so that
+        row r belongs to input r // (len(hidden) // len(inputs))."""
+
+    @abc.abstractmethod
+    def token_positions(self, modality: str, inputs) -> torch.Tensor:
+        """(B, N) bool: which positions of prefix()'s hidden state are real inputs (image: all;
+        text: start-of-text .. end-of-text, no padding)."""
+
+    @abc.abstractmethod
+    def hidden_to_image_map(self, values: torch.Tensor) -> torch.Tensor:
+        """(B, N) per-token values of the image hidden state -> (B, H, W) map in the preprocessed
+        frame (class/prefix tokens dropped, grid bilinearly upsampled)."""
+
+    def hidden_to_text_scores(self, values: torch.Tensor, text: TextBatch) -> torch.Tensor:
+        """(B, T') per-position values of the text hidden state -> (B, T) scores on the TextBatch
+        positions, zero outside the word tokens."""
+        out = torch.zeros(text.ids.shape, dtype=torch.float32, device=values.device)
+        width = min(values.shape[1], out.shape[1])
+        out[:, :width] = values[:, :width].float()
+        return out * text.word_mask.to(out.device)
+
+    # ---- hooks for baselines and sanity checks ----------------------------------------------
+    @abc.abstractmethod
+    @contextlib.contextmanager
+    def record_attention(self, modality: str) -> Iterator[list]:
+        """Context manager; yields a list that fills with one (B, heads, N, N) attention-probability
+        tensor per block (graph kept, so gradients w.r.t. them are available) during encodes."""
+
+    @abc.abstractmethod
+    def gradcam_target(self, modality: str) -> tuple[torch.nn.Module, Optional[Callable]]:
+        """(module, reshape_transform) for pytorch-grad-cam: a layer before the last block, and a
+        function turning its (B, N, C) tokens into (B, C, rows, cols)."""
+
+    @abc.abstractmethod
+    def embed_tokens(self, text: TextBatch) -> torch.Tensor:
+        """Input token embeddings (B, T, C) before position embeddings (for text gradients/IG)."""
+
+    @abc.abstractmethod
+    def encode_text_from_embeddings(self, embeddings: torch.Tensor, text: TextBatch) -> torch.Tensor:
+        """encode_text with the token embedding lookup replaced by `embeddings` (B, T, C)."""
+
+    @abc.abstractmethod
+    def randomization_order(self, modality: str) -> list[tuple[str, list[torch.nn.Parameter]]]:
+        """Named parameter groups of one encoder, from the output (projection) down to the input
+        embeddings, for cascading randomisation (Adebayo et al. 2018)."""
+
+    @abc.abstractmethod
+    def copy(self) -> "ModelAdapter":
+        """An independent deep copy (for sanity checks that overwrite weights)."""
+
+    # ---- shared checks -------------------------------------------------------------------
+    def check_layer(self, modality: str, layer: int) -> int:
+        if modality not in MODALITIES:
+            raise InputError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        n = self.num_layers[modality]
+        if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool):
+            raise InputError(f"{modality} layer must be an integer, got {layer!r}")
+        if layer < 0 or layer > n - 2:
+            raise InputError(
+                f"{modality} layer {layer} is out of range for {self.name}: the {modality} encoder has "
+                f"{n} blocks, so valid bottleneck layers are 0..{n - 2} (after the last block only the "
+                f"pooled token reaches the embedding, so a bottleneck there explains nothing)")
+        return int(layer)
+
+    def parameters(self):
+        return self.model.parameters()

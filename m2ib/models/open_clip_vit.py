@@ -1,0 +1,266 @@
+"""Adapter for open_clip models with a ViT image tower and an open_clip text transformer.
+
+Covers open_clip's CLIP (text modules inline) and CustomTextCLIP with a TextTransformer, for any
+ViT config: ViT-B-32, ViT-B-16, ViT-L-14 and the small configs this project registers.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy as _copy
+import warnings
+from types import SimpleNamespace
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from m2ib.errors import InputError, UnsupportedError
+from m2ib.geometry import boxes_to_input_frame
+from m2ib.models.base import ModelAdapter
+from m2ib.models.blocks import run_block
+from m2ib.types import TextBatch
+
+
+def _text_tower(model) -> SimpleNamespace:
+    """The text encoder's parts, wherever open_clip keeps them."""
+    if hasattr(model, "transformer") and hasattr(model, "token_embedding"):   # open_clip CLIP
+        t = model
+        pool = getattr(model, "text_pool_type", "argmax")
+        cls_emb = None
+    elif hasattr(model, "text") and hasattr(model.text, "token_embedding"):   # CustomTextCLIP
+        t = model.text
+        pool = t.pool_type
+        cls_emb = t.cls_emb
+    else:
+        raise UnsupportedError("this open_clip model's text tower is not an open_clip TextTransformer "
+                               "(hf-hub text towers need the open_clip_hf adapter)")
+    if cls_emb is not None or pool not in ("argmax", "eos"):
+        raise UnsupportedError(f"text pooling {pool!r} / class-token text towers are not supported")
+    return SimpleNamespace(token_embedding=t.token_embedding, positional_embedding=t.positional_embedding,
+                           blocks=t.transformer.resblocks, ln_final=t.ln_final,
+                           projection=t.text_projection, attn_mask=t.attn_mask)
+
+
+class OpenClipViTAdapter(ModelAdapter):
+    family = "open_clip_vit"
+
+    def __init__(self, model, preprocess, tokenizer, name: str, device="cpu"):
+        self.name = name
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self._preprocess = preprocess
+        self.tokenizer = tokenizer
+        v = self.model.visual
+        if not hasattr(v, "transformer") or not hasattr(v, "_embeds"):
+            raise UnsupportedError(f"{name}: image tower {type(v).__name__} is not an open_clip VisionTransformer")
+        self.visual = v
+        self.text = _text_tower(self.model)
+        self.image_size = tuple(v.image_size)
+        self.grid_size = tuple(v.grid_size)
+        cfg = getattr(v, "preprocess_cfg", {}) or {}
+        self.resize_mode = cfg.get("resize_mode", "shortest")
+        self.num_layers = {"image": len(v.transformer.resblocks), "text": len(self.text.blocks)}
+        self.context_length = int(self.text.positional_embedding.shape[0])
+        self.text_causal = self.text.attn_mask is not None
+        self._trim_image = v.attn_pool is None and getattr(v, "pool_type", "tok") == "tok"
+        self._record: dict[str, list | None] = {"image": None, "text": None}
+        enc = getattr(tokenizer, "encoder", {})
+        self.blank_token_id = int(enc.get("!</w>", 0)) if enc else 0
+        self._decoder = getattr(tokenizer, "decoder", None)
+        self._byte_decoder = getattr(tokenizer, "byte_decoder", None)
+
+    # ---- inputs -------------------------------------------------------------------------------
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        out = []
+        for i, im in enumerate(images):
+            if not isinstance(im, Image.Image):
+                raise InputError(f"image {i} is a {type(im).__name__}, not a PIL image")
+            out.append(self._preprocess(im.convert("RGB")))
+        if not out:
+            raise InputError("no images given")
+        return torch.stack(out).to(self.device)
+
+    def _token_string(self, tid: int) -> str:
+        if self._decoder is None:
+            return str(tid)
+        tok = self._decoder.get(int(tid), "")
+        if tid in (self.tokenizer.sot_token_id, self.tokenizer.eot_token_id):
+            return tok
+        tok = tok.replace("</w>", "")
+        if self._byte_decoder:
+            tok = bytearray(self._byte_decoder.get(c, ord("?")) for c in tok).decode("utf-8", errors="replace")
+        return tok
+
+    def tokenize(self, captions: Sequence[str]) -> TextBatch:
+        captions = list(captions)
+        if not captions:
+            raise InputError("no captions given")
+        truncated = []
+        for i, c in enumerate(captions):
+            if not isinstance(c, str) or not c.strip():
+                raise InputError(f"caption {i} is empty or not a string: {c!r}")
+            body = self.tokenizer.encode(c) if hasattr(self.tokenizer, "encode") else []
+            if hasattr(self.tokenizer, "encode") and not body:
+                raise InputError(f"caption {i} has no tokens after cleaning: {c!r}")
+            cut = len(body) + 2 > self.context_length
+            if cut:
+                warnings.warn(f"caption {i} has {len(body) + 2} tokens, more than the context length "
+                              f"{self.context_length}; truncated: {c[:60]!r}...", stacklevel=2)
+            truncated.append(cut)
+        ids = self.tokenizer(captions, context_length=self.context_length)
+        eot_id = self.tokenizer.eot_token_id
+        eot = (ids == eot_id).int().argmax(dim=1)
+        pos = torch.arange(ids.shape[1])[None]
+        word_mask = (pos > 0) & (pos < eot[:, None])
+        tokens = [[self._token_string(t) if j <= e else "" for j, t in enumerate(row.tolist())]
+                  for row, e in zip(ids, eot.tolist())]
+        return TextBatch(ids.to(self.device), eot.to(self.device), tokens, word_mask.to(self.device),
+                         truncated, captions)
+
+    def box_to_input_frame(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+        return boxes_to_input_frame(boxes, original_size, (self.image_size[1], self.image_size[0]),
+                                    self.resize_mode)
+
+    # ---- text helpers ---------------------------------------------------------------------------
+    def _text_len(self, text: TextBatch) -> int:
+        """Sequence length actually run: causal towers stop after the last EOT of the batch."""
+        return int(text.eot.max()) + 1 if self.text_causal else text.ids.shape[1]
+
+    def _text_mask(self, length: int):
+        m = self.text.attn_mask
+        return None if m is None else m[:length, :length]
+
+    def _text_project(self, pooled: torch.Tensor) -> torch.Tensor:
+        pooled = self.text.ln_final(pooled)
+        proj = self.text.projection
+        if proj is not None:
+            pooled = proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj
+        return F.normalize(pooled, dim=-1)
+
+    # ---- split encoders ---------------------------------------------------------------------------
+    def prefix(self, modality: str, inputs, layer: int) -> torch.Tensor:
+        layer = self.check_layer(modality, layer)
+        if modality == "image":
+            x = self.visual._embeds(inputs)
+            blocks, mask = self.visual.transformer.resblocks, None
+        else:
+            L = self._text_len(inputs)
+            x = self.text.token_embedding(inputs.ids[:, :L]) + self.text.positional_embedding[:L]
+            blocks, mask = self.text.blocks, self._text_mask(L)
+        rec = self._record[modality]
+        for blk in blocks[: layer + 1]:
+            x = run_block(blk, x, mask, record=rec)
+        return x
+
+    def suffix(self, modality: str, hidden: torch.Tensor, inputs, layer: int) -> torch.Tensor:
+        layer = self.check_layer(modality, layer) if layer is not None else -1
+        rec = self._record[modality]
+        x = hidden
+        if modality == "image":
+            blocks = self.visual.transformer.resblocks
+            *middle, last = list(blocks[layer + 1:])
+            for blk in middle:
+                x = run_block(blk, x, None, record=rec)
+            if self._trim_image and rec is None:
+                x = run_block(last, x, None, query_index=torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
+            else:
+                x = run_block(last, x, None, record=rec)
+            pooled, _ = self.visual._pool(x)
+            if self.visual.proj is not None:
+                pooled = pooled @ self.visual.proj
+            return F.normalize(pooled, dim=-1)
+        copies = hidden.shape[0] // len(inputs)
+        eot = inputs.eot.repeat_interleave(copies)
+        mask = self._text_mask(hidden.shape[1])
+        *middle, last = list(self.text.blocks[layer + 1:])
+        for blk in middle:
+            x = run_block(blk, x, mask, record=rec)
+        if rec is None:
+            pooled = run_block(last, x, mask, query_index=eot)[:, 0]
+        else:
+            x = run_block(last, x, mask, record=rec)
+            pooled = x[torch.arange(x.shape[0], device=x.device), eot]
+        return self._text_project(pooled)
+
+    def token_positions(self, modality: str, inputs) -> torch.Tensor:
+        if modality == "image":
+            n = self.grid_size[0] * self.grid_size[1] + 1
+            return torch.ones(inputs.shape[0], n, dtype=torch.bool, device=self.device)
+        L = self._text_len(inputs)
+        return torch.arange(L, device=self.device)[None] <= inputs.eot[:, None]
+
+    # ---- whole encoders ---------------------------------------------------------------------------
+    def _full(self, modality, inputs):
+        """The whole encoder as prefix(0) + suffix(0): block 0 then the rest."""
+        hidden = self.prefix(modality, inputs, 0)
+        return self.suffix(modality, hidden, inputs, 0)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._full("image", pixels)
+
+    def encode_text(self, text: TextBatch) -> torch.Tensor:
+        return self._full("text", text)
+
+    def embed_tokens(self, text: TextBatch) -> torch.Tensor:
+        return self.text.token_embedding(text.ids)
+
+    def encode_text_from_embeddings(self, embeddings: torch.Tensor, text: TextBatch) -> torch.Tensor:
+        L = embeddings.shape[1]
+        x = embeddings + self.text.positional_embedding[:L]
+        mask = self._text_mask(L)
+        rec = self._record["text"]
+        for blk in self.text.blocks:
+            x = run_block(blk, x, mask, record=rec)
+        return self._text_project(x[torch.arange(x.shape[0], device=x.device), text.eot])
+
+    # ---- maps ---------------------------------------------------------------------------------------
+    def hidden_to_image_map(self, values: torch.Tensor) -> torch.Tensor:
+        gh, gw = self.grid_size
+        grid = values[:, 1:].reshape(values.shape[0], 1, gh, gw).float()
+        return F.interpolate(grid, size=self.image_size, mode="bilinear", align_corners=False)[:, 0]
+
+    # ---- hooks -----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def record_attention(self, modality: str):
+        if self._record[modality] is not None:
+            raise RuntimeError(f"already recording {modality} attention")
+        self._record[modality] = []
+        try:
+            yield self._record[modality]
+        finally:
+            self._record[modality] = None
+
+    def gradcam_target(self, modality: str):
+        if modality == "image":
+            gh, gw = self.grid_size
+
+            def reshape(t):
+                return t[:, 1:].reshape(t.shape[0], gh, gw, t.shape[-1]).permute(0, 3, 1, 2)
+            return self.visual.transformer.resblocks[-2], reshape
+
+        def reshape_text(t):
+            return t.permute(0, 2, 1)[:, :, None, :]
+        return self.text.blocks[-2], reshape_text
+
+    def randomization_order(self, modality: str):
+        if modality == "image":
+            v = self.visual
+            head = [p for p in [v.proj] if p is not None] + list(v.ln_post.parameters())
+            groups = [("image.projection", head)]
+            blocks = v.transformer.resblocks
+            groups += [(f"image.block{i}", list(blocks[i].parameters())) for i in reversed(range(len(blocks)))]
+            stem = [v.class_embedding, v.positional_embedding, *v.conv1.parameters(), *v.ln_pre.parameters()]
+            return groups + [("image.embeddings", stem)]
+        t = self.text
+        proj = t.projection
+        head = list(proj.parameters()) if isinstance(proj, torch.nn.Module) else ([proj] if proj is not None else [])
+        groups = [("text.projection", head + list(t.ln_final.parameters()))]
+        groups += [(f"text.block{i}", list(t.blocks[i].parameters())) for i in reversed(range(len(t.blocks)))]
+        return groups + [("text.embeddings", [t.token_embedding.weight, t.positional_embedding])]
+
+    def copy(self) -> "OpenClipViTAdapter":
+        return _copy.deepcopy(self)

@@ -1,0 +1,66 @@
+"""A plain re-statement of the released M2IB algorithm: the yardstick the fast path is tested against.
+
+Deliberately naive, like the release: one pair at a time, both full encoders re-run at every step
+through open_clip's own forward (the bottleneck is a forward hook on block l), weights left
+trainable (their gradients are computed and thrown away), text bottlenecked over SOT..EOT only (the
+release tokenises without padding; positions after EOT cannot reach EOT through the causal mask).
+Release estimator only. Never used by the library's hot path.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from m2ib.bottleneck import M2IBConfig, capacity, pair_generators
+
+
+def _text_blocks(model):
+    return model.transformer.resblocks if hasattr(model, "transformer") else model.text.transformer.resblocks
+
+
+def reference_pair(model, pixels: torch.Tensor, ids: torch.Tensor, eot: int, config: M2IBConfig, seed: int,
+                   modalities=("image", "text")) -> dict:
+    """Capacity per token (summed over channels) of one pair, per modality: {'image': (N,), 'text': (eot+1,)}.
+
+    model: an open_clip CLIP; pixels (1, 3, H, W); ids (1, context) padded token ids; eot: EOT index.
+    Noise comes from the same per-pair generators as the fast path, so both can be compared exactly.
+    """
+    model = copy.deepcopy(model).eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    out = {}
+    for modality in modalities:
+        hp = config.for_modality(modality)
+        gen = pair_generators([seed], modality, pixels.device)[0]
+        block = (model.visual.transformer.resblocks if modality == "image" else _text_blocks(model))[hp.layer]
+        state = {}
+
+        def hook(module, args, output):
+            n = output.shape[1] if modality == "image" else eot + 1
+            r = output[:, :n]
+            if "alpha" not in state:
+                state["alpha"] = torch.nn.Parameter(torch.full((1, n, r.shape[-1]), float(hp.init_alpha),
+                                                               device=r.device))
+                state["opt"] = torch.optim.Adam([state["alpha"]], lr=hp.lr)
+            lam = torch.sigmoid(state["alpha"]).expand_as(r)
+            state["kl"] = capacity(lam, r)
+            eps = torch.randn(r.shape, generator=gen, device=r.device)
+            z = lam * r + (1 - lam) * eps
+            return torch.cat([z, output[:, n:]], dim=1)
+
+        handle = block.register_forward_hook(hook)
+        try:
+            for _ in range(hp.steps):
+                img = F.normalize(model.encode_image(pixels.repeat(hp.copies, 1, 1, 1)), dim=-1)
+                txt = F.normalize(model.encode_text(ids.repeat(hp.copies, 1)), dim=-1)
+                loss = hp.beta * state["kl"].mean() - (img * txt).sum(-1).mean()
+                state["opt"].zero_grad()
+                model.zero_grad(set_to_none=True)
+                loss.backward()
+                state["opt"].step()
+        finally:
+            handle.remove()
+        out[modality] = state["kl"].detach().mean(0).sum(-1)
+    return out

@@ -1,0 +1,98 @@
+"""The two records every stage shares: a data Sample going in and an Attribution coming out.
+
+Data flows one way (Sample -> adapter -> attributor -> Attribution -> metric), so these types are
+the whole contract between the data sets, the methods and the metrics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass
+class Sample:
+    """One image-caption pair with its ground truth, in the image's ORIGINAL pixel frame.
+
+    boxes: (K, 4) float array of x, y, w, h in original pixels (MS-CXR convention), K >= 0.
+    target_words: words of the caption that name the target (text ground truth), if known.
+    """
+
+    id: str
+    image: Image.Image
+    caption: str
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), dtype=np.float32))
+    target_words: Optional[list[str]] = None
+    category: Optional[str] = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TextBatch:
+    """Tokenised captions plus everything needed to read token-level results back.
+
+    ids: (B, T) token ids; eot: (B,) index of the end-of-text token of each row.
+    tokens: token strings per row (length T, padding as '').
+    word_mask: (B, T) True on real word tokens (not start/end-of-text, not padding).
+    truncated: per row, whether the caption was cut to fit the context length.
+    """
+
+    ids: torch.Tensor
+    eot: torch.Tensor
+    tokens: list[list[str]]
+    word_mask: torch.Tensor
+    truncated: list[bool]
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def to(self, device) -> "TextBatch":
+        return TextBatch(self.ids.to(device), self.eot.to(device), self.tokens,
+                         self.word_mask.to(device), self.truncated, self.captions)
+
+    def select(self, index) -> "TextBatch":
+        """Rows `index` (list of ints) as a new batch."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return TextBatch(self.ids[idx], self.eot[idx], [self.tokens[i] for i in index],
+                         self.word_mask[idx], [self.truncated[i] for i in index],
+                         [self.captions[i] for i in index])
+
+
+@dataclass
+class Attribution:
+    """What every method (M2IB and each baseline) returns for a batch of pairs.
+
+    image: (B, H, W) float32 map in the model's PREPROCESSED image frame (after resize + crop).
+    text: (B, T) float32 score per token position; only positions where token_mask is True mean
+        anything (others are 0).
+    tokens: token strings per row; token_mask: (B, T) bool, real word tokens only.
+    Either map may be None when a method explains one modality only.
+    """
+
+    method: str
+    image: Optional[torch.Tensor]
+    text: Optional[torch.Tensor]
+    tokens: list[list[str]]
+    token_mask: torch.Tensor
+    seconds: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("image", "text"):
+            value = getattr(self, name)
+            if value is not None and not torch.isfinite(value).all():
+                bad = (~torch.isfinite(value.reshape(value.shape[0], -1))).any(1).nonzero().flatten().tolist()
+                from m2ib.errors import InputError
+                raise InputError(f"{self.method}: non-finite {name} attribution for batch rows {bad}")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def word_scores(self, row: int) -> list[tuple[str, float]]:
+        """(token, score) for the real word tokens of one row, in order."""
+        mask = self.token_mask[row]
+        return [(self.tokens[row][j], float(self.text[row, j])) for j in mask.nonzero().flatten().tolist()]

@@ -1,0 +1,21 @@
+"""Shared fixtures: the tiny random open_clip model and a few deterministic image-caption pairs."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter():
+    from m2ib.models.registry import load_adapter
+    return load_adapter("m2ib-tiny-vit", pretrained=None, seed=0)
+
+
+@pytest.fixture(scope="session")
+def pairs():
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((40 + 7 * i, 50, 3)) * 255).astype("uint8")) for i in range(3)]
+    captions = ["a red circle", "a big blue square on the left of the picture", "green"]
+    return images, captions
