@@ -7,6 +7,7 @@ per batch) so a pair's result does not depend on which batch it was computed in.
 from __future__ import annotations
 
 import abc
+import zlib
 from typing import Callable, Sequence
 
 import torch
@@ -35,6 +36,11 @@ class Attributor(abc.ABC):
     def pair_similarity(self, pixels: torch.Tensor, text: TextBatch) -> torch.Tensor:
         """The explained scalar: cosine similarity of each pair's normalised embeddings, (B,)."""
         return (self.adapter.encode_image(pixels) * self.adapter.encode_text(text)).sum(-1)
+
+
+def pair_seed(sample_id: str, seed: int = 0) -> int:
+    """A pair's seed from its sample id and the run seed: independent of batch and position."""
+    return zlib.crc32(f"{int(seed)}:{sample_id}".encode()) & 0x7FFFFFFF
 
 
 def register_method(name: str):

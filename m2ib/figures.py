@@ -37,7 +37,7 @@ def plot_pair(ax_img, ax_txt, image: np.ndarray, heatmap: Optional[np.ndarray], 
         for word, v in zip(words, s):
             ax_txt.text(x, 0.5, word, fontsize=8, va="center",
                         bbox=dict(facecolor=plt.cm.Reds(0.15 + 0.85 * v), edgecolor="none", pad=1.5))
-            x += 0.035 + 0.022 * len(word)
+            x += 0.06 + 0.04 * len(word)
         ax_txt.set_xlim(0, max(x, 1.0))
 
 
@@ -53,5 +53,36 @@ def save_examples(path, images, heatmaps, token_lists, score_lists, boxes=None, 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def method_grid(path, adapter, samples, attributions: dict, n: int = 4) -> Path:
+    """Rows = methods, columns = the first n samples: each image with the method's heatmap and true
+    boxes, the caption's word tokens shaded by the method's token scores underneath."""
+    samples = samples[:n]
+    pixels = adapter.preprocess([s.image for s in samples])
+    cfg = getattr(adapter.visual, "preprocess_cfg", {}) if hasattr(adapter, "visual") else {}
+    mean = cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))
+    std = cfg.get("std", (0.26862954, 0.26130258, 0.27577711))
+    images = [denormalise(p, mean, std) for p in pixels]
+    boxes = [adapter.box_to_input_frame(s.boxes, s.image.size) for s in samples]
+    rows = len(attributions)
+    fig, axes = plt.subplots(2 * rows, len(samples), figsize=(2.4 * len(samples), 2.9 * rows),
+                             gridspec_kw={"height_ratios": [5, 1] * rows}, squeeze=False)
+    for r, (name, att) in enumerate(attributions.items()):
+        for c in range(len(samples)):
+            heat = None if att.image is None else att.image[c].numpy()
+            words, scores = [], []
+            if att.text is not None:
+                for j in att.token_mask[c].nonzero().flatten().tolist():
+                    words.append(att.tokens[c][j])
+                    scores.append(float(att.text[c, j]))
+            title = f"{name}\n{samples[c].caption}" if c == 0 else samples[c].caption
+            plot_pair(axes[2 * r, c], axes[2 * r + 1, c], images[c], heat, words, scores, boxes[c], title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -92,6 +92,13 @@ class Attribution:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def select(self, rows) -> "Attribution":
+        """The given rows (an iterable of ints) as a new Attribution (meta is not carried)."""
+        rows = list(rows)
+        pick = lambda t: None if t is None else t[rows]
+        return Attribution(self.method, pick(self.image), pick(self.text), [self.tokens[i] for i in rows],
+                           self.token_mask[rows], seconds=self.seconds * len(rows) / max(len(self), 1))
+
     def word_scores(self, row: int) -> list[tuple[str, float]]:
         """(token, score) for the real word tokens of one row, in order."""
         mask = self.token_mask[row]

@@ -1,0 +1,1 @@
+"""From configs to tables: cached attribution runs, metric rows, aggregated tables, regression checks."""

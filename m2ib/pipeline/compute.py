@@ -1,0 +1,49 @@
+"""Compute a method's attributions for a list of samples, resuming from the cache."""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from m2ib.attributor import get_method, pair_seed
+from m2ib.errors import InputError
+from m2ib.pipeline.cache import AttributionCache
+from m2ib.types import Attribution, Sample
+
+log = logging.getLogger(__name__)
+
+
+def compute_attributions(adapter, method: str, params: dict, samples: Sequence[Sample], cache_root,
+                         model_identity: dict, seed: int = 0, batch_size: int = 8,
+                         progress: bool = True) -> Attribution:
+    """Attributions of `method` for `samples` (in order), computing only those not cached yet.
+
+    Pair seeds come from the sample id (m2ib.attributor.pair_seed), so results do not depend on
+    batching, sharding or on which samples were already cached.
+    """
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise InputError("sample ids are not unique; the cache needs unique ids")
+    cache = AttributionCache(cache_root, method, {"model": model_identity, "params": dict(params), "seed": seed})
+    todo_ids = set(cache.missing(ids))
+    todo = [s for s in samples if s.id in todo_ids]
+    if todo:
+        log.info("%s: computing %d of %d samples (%d cached) into %s", method, len(todo), len(samples),
+                 len(samples) - len(todo), cache.dir)
+        attributor = get_method(method, adapter, **params)
+        bar = tqdm(total=len(todo), desc=method, unit="pair", disable=not progress)
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            pixels = adapter.preprocess([s.image for s in chunk])
+            text = adapter.tokenize([s.caption for s in chunk])
+            try:
+                att = attributor.attribute(pixels, text, [pair_seed(s.id, seed) for s in chunk])
+            except InputError as exc:
+                raise InputError(f"{method} on samples {[s.id for s in chunk]}: {exc}") from exc
+            cache.put([s.id for s in chunk], att)
+            bar.update(len(chunk))
+        bar.close()
+    else:
+        log.info("%s: all %d samples cached in %s", method, len(samples), cache.dir)
+    return cache.get(ids)

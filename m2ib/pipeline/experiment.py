@@ -1,0 +1,125 @@
+"""One configured run: model x data x methods x metrics -> per-sample rows -> a versioned table."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+import torch
+
+from m2ib.errors import InputError
+from m2ib.pipeline.compute import compute_attributions
+from m2ib.pipeline.scoring import VALUE_COLUMNS, score
+from m2ib.pipeline.tables import aggregate, run_metadata, write_table
+
+log = logging.getLogger(__name__)
+GROUP_BY = ["method", "modality"]
+
+
+def build_adapter(model_cfg: dict, device: str):
+    """The adapter named by a model config; returns (adapter, identity used as cache key)."""
+    if model_cfg.get("pretrained") == "embedded":
+        from m2ib.data.embedded import load_embedded_adapter, verify_checkpoint
+        return load_embedded_adapter(device=device), {"name": model_cfg["name"], "sha256": verify_checkpoint()}
+    from m2ib.models.registry import load_adapter
+    adapter = load_adapter(model_cfg["name"], pretrained=model_cfg.get("pretrained"), device=device)
+    identity = {"name": model_cfg["name"], "pretrained": model_cfg.get("pretrained")}
+    pretrained = model_cfg.get("pretrained")
+    if pretrained and Path(str(pretrained)).is_file():
+        import hashlib
+        identity["sha256"] = hashlib.sha256(Path(pretrained).read_bytes()).hexdigest()
+    return adapter, identity
+
+
+def load_samples(data_cfg: dict, progress: bool = True) -> list:
+    """The configured data set's samples, then this job's shard (every num_shards-th pair)."""
+    kind = data_cfg.get("kind")
+    limit = data_cfg.get("limit")
+    if kind == "embedded":
+        from m2ib.data.embedded import load_embedded_split
+        samples = load_embedded_split(data_cfg.get("split", "test"), limit=limit, progress=progress)
+    elif kind == "mscxr":
+        from m2ib.data.mscxr import load_mscxr
+        samples = load_mscxr(data_cfg["csv"], data_cfg["image_root"], limit=limit,
+                             max_side=data_cfg.get("max_side"), progress=progress)
+    elif kind == "cc":
+        from m2ib.data.cc import load_cc
+        samples = load_cc(data_cfg["tsv"], data_cfg["image_root"], manifest=data_cfg.get("manifest"),
+                          limit=limit, progress=progress)
+    else:
+        raise InputError(f"unknown data kind {kind!r}; expected embedded, mscxr or cc")
+    shard, num = int(data_cfg.get("shard", 0)), int(data_cfg.get("num_shards", 1))
+    if num < 1 or not 0 <= shard < num:
+        raise InputError(f"data.shard must be in 0..num_shards-1, got shard={shard}, num_shards={num}")
+    return samples[shard::num]
+
+
+def table_stem(cfg: dict, n: int) -> str:
+    """File name of a table, saying what produced it (like timm's results-<dataset>.csv files)."""
+    model = cfg["model"]["name"].replace("/", "_").replace(":", "_")
+    data = cfg["data"]["kind"] + (f"-{cfg['data']['split']}" if cfg["data"].get("split") else "")
+    stem = f"{cfg['experiment_name']}-{model}-{data}-n{n}"
+    if int(cfg["data"].get("num_shards", 1)) > 1:
+        stem += f"-shard{cfg['data']['shard']}of{cfg['data']['num_shards']}"
+    return stem
+
+
+def run_experiment(cfg: dict, run_dir: Optional[Path] = None) -> dict:
+    """Run a resolved config (a plain dict); returns {'rows', 'table', 'paths'}."""
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    device = cfg.get("device", "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("device=cuda was asked for but no CUDA device is available; use device=cpu")
+    progress = bool(cfg.get("progress", True))
+    methods, metrics = cfg.get("method") or {}, cfg.get("metric") or {}
+    if not methods or not metrics:
+        raise InputError("a run needs at least one method (method=[...]) and one metric (metric=[...])")
+    adapter, identity = build_adapter(cfg["model"], device)
+    samples = load_samples(cfg["data"], progress=progress)
+    if not samples:
+        raise InputError(f"no samples in data set {cfg['data']}")
+    per_method, timings, examples = [], {}, {}
+    keys = ["sample_id", "method", "modality"]
+    for name, params in methods.items():
+        start = time.perf_counter()
+        att = compute_attributions(adapter, name, params or {}, samples, cfg["cache_dir"], identity,
+                                   seed=int(cfg.get("seed", 0)), batch_size=int(cfg.get("batch_size", 8)),
+                                   progress=progress)
+        timings[name] = {"wall_seconds": time.perf_counter() - start,
+                         "seconds_per_pair_when_computed": att.seconds / len(samples)}
+        examples[name] = att.select(range(min(4, len(samples))))
+        merged = None
+        for metric, mparams in metrics.items():
+            rows = score(metric, mparams, att, adapter, samples, progress=progress)
+            if rows.empty:
+                continue
+            rows = rows[keys + [c for c in rows.columns if c not in keys]]
+            if merged is None:
+                merged = rows
+            else:   # one row per (sample, method, modality) holding every metric's values
+                extra = [c for c in rows.columns if c not in keys and c not in merged.columns]
+                merged = merged.merge(rows[keys + extra], on=keys, how="outer", sort=False)
+        if merged is not None:
+            per_method.append(merged)
+    if not per_method:
+        raise InputError("no metric produced rows (see the warnings above)")
+    rows = pd.concat(per_method, ignore_index=True)
+    values = [c for m in metrics for c in VALUE_COLUMNS[m] if c in rows.columns]
+    table = aggregate(rows, GROUP_BY, values, seed=int(cfg.get("seed", 0)))
+    meta = run_metadata(cfg, len(samples), device, {"seed": cfg.get("seed", 0), "bootstrap_seed": cfg.get("seed", 0)})
+    meta["timings"] = timings
+    stem = table_stem(cfg, len(samples))
+    out_dirs = [Path(run_dir)] if run_dir else []
+    if cfg.get("write_results", True):
+        out_dirs.append(Path(cfg["results_dir"]) / cfg["experiment_name"])
+    paths = {}
+    for out in out_dirs:
+        paths = write_table(table, rows, out, stem, GROUP_BY, values, meta)
+        if cfg.get("figures", True):
+            from m2ib.figures import method_grid
+            paths["examples"] = method_grid(out / f"{stem}.examples.png", adapter, samples, examples)
+        log.info("wrote %s", paths["md"])
+    return {"rows": rows, "table": table, "paths": paths}

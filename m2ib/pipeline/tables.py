@@ -1,0 +1,111 @@
+"""Per-sample rows -> aggregated tables (mean and a 95% bootstrap interval per cell), written as CSV,
+Markdown and a metadata sidecar."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import subprocess
+from importlib import metadata as _md
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+BOOTSTRAP_SAMPLES = 1000
+
+
+def bootstrap_ci(values: np.ndarray, seed: int = 0, n: int = BOOTSTRAP_SAMPLES, level: float = 0.95):
+    """Percentile bootstrap interval of the mean (Efron & Tibshirani 1993), seeded."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    if len(values) == 1:
+        return float(values[0]), float(values[0])
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n, len(values)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def aggregate(rows: pd.DataFrame, by: Sequence[str], values: Sequence[str], seed: int = 0) -> pd.DataFrame:
+    """One row per group: n, and for each value column its mean, ci_low, ci_high (NaNs ignored)."""
+    out = []
+    for key, group in rows.groupby(list(by), sort=False, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        rec = dict(zip(by, key))
+        rec["n"] = len(group)
+        for col in values:
+            v = pd.to_numeric(group[col], errors="coerce").to_numpy(dtype=float)
+            lo, hi = bootstrap_ci(v, seed=seed)
+            rec[col] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+            rec[f"{col}_ci_low"], rec[f"{col}_ci_high"] = lo, hi
+        out.append(rec)
+    return pd.DataFrame(out)
+
+
+def to_markdown(table: pd.DataFrame, by: Sequence[str], values: Sequence[str], digits: int = 3) -> str:
+    """Markdown with 'mean [low, high]' cells (no extra dependency)."""
+    header = list(by) + ["n"] + list(values)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, r in table.iterrows():
+        cells = [str(r[b]) for b in by] + [str(int(r["n"]))]
+        for v in values:
+            m, lo, hi = r[v], r[f"{v}_ci_low"], r[f"{v}_ci_high"]
+            cells.append("n/a" if not np.isfinite(m) else f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def package_versions(names=("torch", "torchvision", "open_clip_torch", "numpy", "pandas", "scikit-image",
+                            "captum", "grad-cam", "hydra-core", "timm", "transformers")) -> dict:
+    out = {}
+    for n in names:
+        try:
+            out[n] = _md.version(n)
+        except _md.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def git_commit(cwd=None) -> str | None:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=cwd,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=cwd).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run_metadata(config: dict, n_samples: int, device: str, seeds: dict) -> dict:
+    """What produced a table: commit, resolved config, versions, device, date, sample count, seeds."""
+    import torch
+    return {
+        "git_commit": git_commit(Path(__file__).resolve().parent),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": config,
+        "packages": package_versions(),
+        "python": platform.python_version(),
+        "device": device if device != "cpu" else f"cpu ({platform.processor() or platform.machine()}, "
+                                                 f"{torch.get_num_threads()} threads)",
+        "cuda": torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None,
+        "n_samples": n_samples,
+        "seeds": seeds,
+    }
+
+
+def write_table(table: pd.DataFrame, rows: pd.DataFrame, out_dir, stem: str, by, values, meta: dict) -> dict:
+    """Write <stem>.csv (aggregated), <stem>.md, <stem>.rows.csv (per sample), <stem>.meta.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / f"{stem}.csv", "md": out / f"{stem}.md", "rows": out / f"{stem}.rows.csv",
+             "meta": out / f"{stem}.meta.json"}
+    table.to_csv(paths["csv"], index=False, float_format="%.6g")
+    rows.to_csv(paths["rows"], index=False, float_format="%.6g")
+    paths["md"].write_text(to_markdown(table, by, values))
+    paths["meta"].write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+    return paths

@@ -1,0 +1,115 @@
+"""Join the runs of a Hydra multirun into one table and draw one heatmap per metric.
+
+    python scripts/collect_sweep.py runs/multirun/sweep/<date>   # default: the newest sweep
+Writes <out>/sweep.csv, sweep.md and sweep-<metric>-<modality>.png (out default: results/sweep).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+METRICS = ["drop", "increase", "iou", "pointing_game", "bbox_ratio", "text_ratio", "text_ap"]
+
+
+def collect(sweep_dir: Path) -> tuple[pd.DataFrame, list[str]]:
+    frames, swept = [], []
+    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()):
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+        tables = [t for t in job.glob("*.csv") if not t.name.endswith(".rows.csv")]
+        if not tables:
+            print(f"warning: {job} has no table (run failed or still running); skipped", file=sys.stderr)
+            continue
+        table = pd.read_csv(tables[0])
+        for o in overrides:
+            key, _, value = o.partition("=")
+            key = key.lstrip("+")
+            if key.startswith("experiment"):
+                continue
+            table[key] = _num(value)
+            if key not in swept:
+                swept.append(key)
+        frames.append(table)
+    if not frames:
+        raise SystemExit(f"no finished runs under {sweep_dir}")
+    df = pd.concat(frames, ignore_index=True)
+    swept = [k for k in swept if df[k].nunique() > 1]      # fixed overrides are not sweep axes
+    return df, swept
+
+
+def _num(v: str):
+    try:
+        return float(v) if "." in v or "e" in v else int(v)
+    except ValueError:
+        return v
+
+
+def heatmaps(df: pd.DataFrame, swept: list[str], out: Path) -> list[Path]:
+    """One figure per (metric, modality): rows = first swept key, columns = second, panels = the rest."""
+    if len(swept) < 2:
+        return []
+    rows_key, cols_key, rest = swept[0], swept[1], swept[2:]
+    paths = []
+    for modality, part in df.groupby("modality"):
+        for metric in [m for m in METRICS if m in part.columns and part[m].notna().any()]:
+            panels = [()] if not rest else sorted(part[rest].drop_duplicates().itertuples(index=False, name=None))
+            fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
+            for ax, panel in zip(axes[0], panels):
+                sel = part
+                for k, v in zip(rest, panel):
+                    sel = sel[sel[k] == v]
+                grid = sel.pivot_table(index=rows_key, columns=cols_key, values=metric, aggfunc="mean")
+                im = ax.imshow(grid.to_numpy(), cmap="viridis", aspect="auto")
+                ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
+                ax.set_yticks(range(grid.shape[0]), [str(i) for i in grid.index])
+                ax.set_xlabel(cols_key.split(".")[-1])
+                ax.set_ylabel(rows_key.split(".")[-1])
+                for (i, j), v in np.ndenumerate(grid.to_numpy()):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white")
+                ax.set_title(", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(rest, panel)) or metric, fontsize=8)
+                fig.colorbar(im, ax=ax, fraction=0.046)
+            fig.suptitle(f"{metric} ({modality})", fontsize=10)
+            fig.tight_layout()
+            path = out / f"sweep-{metric}-{modality}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            paths.append(path)
+    return paths
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep_dir", nargs="?")
+    p.add_argument("--out", default="results/sweep")
+    args = p.parse_args(argv)
+    if args.sweep_dir:
+        sweep_dir = Path(args.sweep_dir)
+    else:
+        candidates = sorted(Path("runs/multirun/sweep").glob("*"))
+        if not candidates:
+            raise SystemExit("no sweep found under runs/multirun/sweep; run `make sweep` first")
+        sweep_dir = candidates[-1]
+    df, swept = collect(sweep_dir)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    keep = swept + ["method", "modality", "n"] + [m for m in METRICS if m in df.columns]
+    table = df[keep].sort_values(swept + ["modality"])
+    table.to_csv(out / "sweep.csv", index=False, float_format="%.6g")
+    (out / "sweep.md").write_text(table.to_string(index=False, float_format=lambda v: f"{v:.4g}") + "\n")
+    for path in heatmaps(df, swept, out):
+        print("wrote", path)
+    print(f"wrote {out / 'sweep.csv'} ({len(df)} rows from {sweep_dir})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Hydra entry point: `python scripts/run.py experiment=table1 [overrides]` (see conf/ and README)."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from m2ib.errors import M2IBError  # noqa: E402
+
+log = logging.getLogger("m2ib")
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from m2ib.pipeline.experiment import run_experiment
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        result = run_experiment(resolved, run_dir=run_dir)
+    except M2IBError as exc:
+        log.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(result["paths"]["md"].read_text())
+    print(f"tables: {', '.join(str(p) for p in result['paths'].values())}")
+
+
+if __name__ == "__main__":
+    main()
