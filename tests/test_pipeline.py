@@ -1,0 +1,130 @@
+"""Runs: every config preset composes, cached runs resume after an interruption without recomputing,
+tables aggregate correctly, and the regression comparison reports moved cells."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from m2ib.attributor import get_method
+from m2ib.method import M2IBAttributor
+from m2ib.pipeline.cache import AttributionCache
+from m2ib.pipeline.compute import compute_attributions
+from m2ib.pipeline.regression import compare_tables, format_drift
+from m2ib.pipeline.tables import aggregate, bootstrap_ci
+from m2ib.types import Sample
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
+
+
+def _compose(overrides, hydra_node=False):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=hydra_node)
+
+
+class Interrupted(Exception):
+    """Stands in for Ctrl-C (pytest itself stops on a real KeyboardInterrupt)."""
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_with_every_model_and_data(experiment):
+    for model in MODELS:
+        for data in DATA:
+            cfg = _compose([f"experiment={experiment}", f"model={model}", f"data={data}"])
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+            assert resolved["experiment_name"] == experiment
+            assert resolved["method"] and resolved["metric"]
+            if "m2ib" in resolved["method"]:
+                assert isinstance(resolved["method"]["m2ib"]["image_layer"], int)
+
+
+@pytest.mark.parametrize("launcher, target", [("basic", "BasicLauncher"), ("joblib", "JoblibLauncher"),
+                                              ("local_parallel", "JoblibLauncher"),
+                                              ("submitit_slurm", "SlurmLauncher"), ("cluster", "SlurmLauncher")])
+def test_launchers_compose(launcher, target):
+    cfg = _compose([f"hydra/launcher={launcher}", "experiment=table1"], hydra_node=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+
+
+def test_method_configs_are_accepted_by_their_methods(tiny_adapter):
+    cfg = OmegaConf.to_container(_compose(["experiment=table1", "model=tiny"]), resolve=True)
+    assert len(cfg["method"]) == 12
+    for name, params in cfg["method"].items():
+        assert get_method(name, tiny_adapter, **params).name == name
+
+
+@pytest.fixture()
+def samples(pairs):
+    images, captions = pairs
+    return [Sample(id=f"s{i}", image=im, caption=c) for i, (im, c) in enumerate(zip(images * 2, captions * 2))]
+
+
+def test_interrupted_run_resumes_without_recomputing(tiny_adapter, samples, tmp_path, monkeypatch):
+    params = dict(layer=1, steps=2, copies=2)
+    calls, interrupted = [], []
+    original = M2IBAttributor.attribute
+
+    def flaky(self, pixels, text, seeds):
+        calls.append(len(seeds))
+        if len(calls) == 2 and not interrupted:
+            interrupted.append(True)
+            raise Interrupted                # e.g. Ctrl-C or a killed job during the second batch
+        return original(self, pixels, text, seeds)
+
+    monkeypatch.setattr(M2IBAttributor, "attribute", flaky)
+    with pytest.raises(Interrupted):
+        compute_attributions(tiny_adapter, "m2ib", params, samples, tmp_path, {"m": 1}, batch_size=2, progress=False)
+    cache = AttributionCache(tmp_path, "m2ib", {"model": {"m": 1}, "params": params, "seed": 0})
+    assert len(cache.missing([s.id for s in samples])) == 4          # first batch of 2 was kept
+    calls.clear()
+    resumed = compute_attributions(tiny_adapter, "m2ib", params, samples, tmp_path, {"m": 1}, batch_size=2,
+                                   progress=False)
+    assert calls == [2, 2]                                            # only the 4 missing pairs
+    monkeypatch.setattr(M2IBAttributor, "attribute", original)
+    fresh = compute_attributions(tiny_adapter, "m2ib", params, samples, tmp_path / "fresh", {"m": 1},
+                                 batch_size=2, progress=False)
+    assert torch.equal(resumed.image, fresh.image) and torch.equal(resumed.text, fresh.text)
+    # Other batch sizes change float32 summation order only (pair seeds come from sample ids).
+    other = compute_attributions(tiny_adapter, "m2ib", params, samples, tmp_path / "other", {"m": 1},
+                                 batch_size=3, progress=False)
+    torch.testing.assert_close(other.image, fresh.image, rtol=1e-3, atol=1e-3)
+
+
+def test_cache_key_separates_hyperparameters(tiny_adapter, samples, tmp_path):
+    a = compute_attributions(tiny_adapter, "m2ib", dict(layer=1, steps=2, copies=2, beta=0.1), samples[:2],
+                             tmp_path, {"m": 1}, progress=False)
+    b = compute_attributions(tiny_adapter, "m2ib", dict(layer=1, steps=2, copies=2, beta=10.0), samples[:2],
+                             tmp_path, {"m": 1}, progress=False)
+    assert len(list(tmp_path.iterdir())) == 2 and not torch.equal(a.image, b.image)
+
+
+def test_aggregate_mean_and_bootstrap_interval():
+    rows = pd.DataFrame({"method": ["a"] * 4 + ["b"] * 2, "modality": "image",
+                         "iou": [0.0, 1.0, 0.5, 0.5, 0.2, np.nan]})
+    table = aggregate(rows, ["method", "modality"], ["iou"], seed=0)
+    a, b = table.iloc[0], table.iloc[1]
+    assert a["n"] == 4 and a["iou"] == pytest.approx(0.5)
+    assert 0.0 <= a["iou_ci_low"] < 0.5 < a["iou_ci_high"] <= 1.0
+    assert b["iou"] == pytest.approx(0.2) and b["iou_ci_low"] == b["iou_ci_high"] == pytest.approx(0.2)
+    assert bootstrap_ci(np.array([1.0, 2.0, 3.0]), seed=1) == bootstrap_ci(np.array([1.0, 2.0, 3.0]), seed=1)
+
+
+def test_compare_tables_reports_moved_missing_and_nan_cells():
+    ref = pd.DataFrame({"method": ["a", "b"], "modality": ["image", "image"], "iou": [0.5, 0.2], "drop": [1.0, np.nan]})
+    same = ref.copy()
+    same.loc[0, "iou"] += 1e-4
+    assert compare_tables(same, ref, ["method", "modality"], ["iou", "drop"], atol=1e-3, rtol=0).empty
+    moved = ref.copy()
+    moved.loc[0, "iou"] = 0.6
+    moved.loc[1, "drop"] = 2.0
+    drift = compare_tables(moved.iloc[[0, 1]], ref, ["method", "modality"], ["iou", "drop"], atol=1e-3, rtol=0)
+    assert sorted(zip(drift["method"], drift["column"])) == [("a", "iou"), ("b", "drop")]
+    assert "reference" in format_drift(drift, 1e-3, 0) and "0.6" in format_drift(drift, 1e-3, 0)
+    missing = compare_tables(ref.iloc[[0]], ref, ["method", "modality"], ["iou"], atol=1e-3, rtol=0)
+    assert list(missing["method"]) == ["b"]
