@@ -1,10 +1,15 @@
-# Every target that needs Python installs the project first (into .venv) if it is not installed yet.
+# m2ib-bench. Every target that needs Python installs the project into .venv first (once).
 PY      ?= python3
 VENV    := .venv
 PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
+MODEL   ?= embedded
+DATA    ?= embedded
+ARGS    ?=
+RUN     := $(PYTHON) scripts/run.py model=$(MODEL) data=$(DATA)
 
-.PHONY: install test reproduce-table1 bench embedded-model clean
+.PHONY: install test reproduce-table1 reproduce-table2 sweep regression regression-reference \
+        bench bench-baselines embedded-model clean
 
 install: $(STAMP)
 
@@ -14,15 +19,40 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+## The test suite (CI runs exactly this through .ci/run).
 test: $(STAMP)
 	$(PYTHON) -m pytest -q tests
 
-# Main job (embedded default, offline). Until the table pipeline lands it explains example pairs.
+## Table 1 (confidence drop/increase, all methods, both modalities). Real data: MODEL=vit_b32_openai DATA=cc
 reproduce-table1: $(STAMP)
-	$(PYTHON) scripts/explain_examples.py
+	$(RUN) experiment=table1 $(ARGS)
 
+## Table 2 (zero-shot detection IoU and friends, ROAR+).
+reproduce-table2: $(STAMP)
+	$(RUN) experiment=table2 $(ARGS)
+
+## Multirun over beta / var / layer on the embedded set, collected into results/sweep/ with heatmaps.
+sweep: $(STAMP)
+	$(RUN) --multirun experiment=sweep $(ARGS)
+	$(PYTHON) scripts/collect_sweep.py
+
+## The CI metric-regression check alone, and regenerating its committed reference (say why in the commit).
+regression: $(STAMP)
+	$(PYTHON) -m pytest -q tests/test_regression.py
+
+regression-reference: $(STAMP)
+	$(PYTHON) scripts/run.py experiment=regression cache_dir=$$(mktemp -d) progress=false
+
+## Speed: fast M2IB vs the plain release algorithm (ratio measured in one run); baselines' cost per pair.
 bench: $(STAMP)
-	$(PYTHON) scripts/bench_m2ib.py
+	$(PYTHON) scripts/bench_m2ib.py $(ARGS)
+
+bench-baselines: $(STAMP)
+	$(PYTHON) scripts/bench_baselines.py $(ARGS)
+
+## Retrain the embedded benchmark's small CLIP (deterministic, CPU, ~15 min) and rewrite its assets.
+embedded-model: $(STAMP)
+	$(PYTHON) scripts/train_embedded_model.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache runs

@@ -31,6 +31,7 @@ class ModelAdapter(abc.ABC):
 
     name: str
     family: str
+    model: torch.nn.Module          # the wrapped model (frozen); only metrics/roar.py unfreezes a copy
     device: torch.device
     image_size: tuple[int, int]     # preprocessed (H, W)
     grid_size: tuple[int, int]      # patch grid (rows, cols) of the image tokens

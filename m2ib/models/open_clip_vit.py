@@ -263,4 +263,5 @@ class OpenClipViTAdapter(ModelAdapter):
         return groups + [("text.embeddings", [t.token_embedding.weight, t.positional_embedding])]
 
     def copy(self) -> "OpenClipViTAdapter":
-        return _copy.deepcopy(self)
+        # The tokenizer and preprocessing are read-only and large to copy (the BPE tables): share them.
+        return _copy.deepcopy(self, {id(self.tokenizer): self.tokenizer, id(self._preprocess): self._preprocess})
