@@ -75,6 +75,34 @@ def _import_all() -> None:
                 raise
 
 
+def attribute_in_batches(attributor: Attributor, samples: Sequence, seed: int = 0, batch_size: int = 8,
+                         progress: bool = False, on_batch: Callable | None = None) -> list[Attribution]:
+    """Run `attributor` over Samples batch by batch, pair seeds from sample ids (pair_seed).
+
+    on_batch(chunk, attribution) is called as each batch finishes (e.g. to cache it at once).
+    Returns the per-batch Attributions in order.
+    """
+    from tqdm.auto import tqdm
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    adapter, parts = attributor.adapter, []
+    bar = tqdm(total=len(samples), desc=attributor.name, unit="pair", disable=not progress, leave=False)
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        pixels = adapter.preprocess([s.image for s in chunk])
+        text = adapter.tokenize([s.caption for s in chunk])
+        try:
+            att = attributor.attribute(pixels, text, [pair_seed(s.id, seed) for s in chunk])
+        except InputError as exc:
+            raise InputError(f"{attributor.name} on samples {[s.id for s in chunk]}: {exc}") from exc
+        if on_batch is not None:
+            on_batch(chunk, att)
+        parts.append(att)
+        bar.update(len(chunk))
+    bar.close()
+    return parts
+
+
 def concat_attributions(parts: list[Attribution]) -> Attribution:
     """Join per-batch Attributions of one method (rows in order). Text maps may differ in width."""
     if not parts:

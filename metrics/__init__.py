@@ -6,7 +6,8 @@ Attributions (or an attribution callable, see metrics.attribute) plus the adapte
 to the model only through the ModelAdapter interface, and returns per-sample rows as a DataFrame
 with a `sample_id` column; the summarise_* helpers give per-method means.
 """
-from metrics.attribute import AttributeFn, attribute_with, pair_seed, resolve
+from m2ib.attributor import pair_seed
+from metrics.attribute import AttributeFn, attribute_with, resolve
 from metrics.confidence import confidence_scores, summarise_confidence
 from metrics.localisation import THRESHOLDS, image_localisation, summarise, text_localisation
 from metrics.roar import RoarConfig, roar_plus, summarise_roar

@@ -8,21 +8,13 @@ attribute(adapter, samples) function.
 from __future__ import annotations
 
 import inspect
-import zlib
 from typing import Callable, Sequence, Union
-
-from tqdm.auto import tqdm
 
 from m2ib.errors import InputError
 from m2ib.models.base import ModelAdapter
 from m2ib.types import Attribution, Sample
 
 AttributeFn = Callable[[ModelAdapter, Sequence[Sample]], Attribution]
-
-
-def pair_seed(sample_id: str, seed: int = 0) -> int:
-    """A per-pair seed from the sample id, so a pair's map does not depend on its batch or position."""
-    return zlib.crc32(f"{int(seed)}:{sample_id}".encode()) & 0x7FFFFFFF
 
 
 def attribute_with(method: Union[str, Callable], batch_size: int = 8, seed: int = 0,
@@ -36,20 +28,12 @@ def attribute_with(method: Union[str, Callable], batch_size: int = 8, seed: int 
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
 
     def attribute(adapter: ModelAdapter, samples: Sequence[Sample]) -> Attribution:
-        from m2ib.attributor import concat_attributions, get_method
+        from m2ib.attributor import attribute_in_batches, concat_attributions, get_method
         samples = list(samples)
         if not samples:
             raise InputError("no samples to attribute")
         attributor = get_method(method, adapter, **hparams) if isinstance(method, str) else method(adapter)
-        parts = []
-        starts = range(0, len(samples), batch_size)
-        for start in tqdm(starts, desc=f"attribute {getattr(attributor, 'name', '?')}", disable=not progress,
-                          leave=False):
-            chunk = samples[start:start + batch_size]
-            pixels = adapter.preprocess([s.image for s in chunk])
-            text = adapter.tokenize([s.caption for s in chunk])
-            parts.append(attributor.attribute(pixels, text, [pair_seed(s.id, seed) for s in chunk]))
-        return concat_attributions(parts)
+        return concat_attributions(attribute_in_batches(attributor, samples, seed, batch_size, progress))
 
     return attribute
 

@@ -27,8 +27,11 @@ def main(cfg: DictConfig) -> None:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    print(result["paths"]["md"].read_text())
-    print(f"tables: {', '.join(str(p) for p in result['paths'].values())}")
+    paths = result["paths"]
+    for key in ("md", "sanity_spearman"):
+        if key in paths:
+            print(Path(paths[key]).with_suffix(".md").read_text())
+    print("written:\n  " + "\n  ".join(str(p) for p in paths.values()))
 
 
 if __name__ == "__main__":

@@ -106,7 +106,8 @@ def test_bad_attribute_names_the_problem(adapter, samples):
 
 def test_attributor_factories_plug_in_with_per_pair_seeds(adapter, samples):
     from m2ib.attributor import Attributor
-    from metrics.attribute import attribute_with, pair_seed, resolve
+    from m2ib.attributor import pair_seed
+    from metrics.attribute import attribute_with, resolve
 
     class SeedMap(Attributor):
         """Map = the pair's seed everywhere: shows which seed each pair received."""

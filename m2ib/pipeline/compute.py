@@ -4,9 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from tqdm.auto import tqdm
-
-from m2ib.attributor import get_method, pair_seed
+from m2ib.attributor import attribute_in_batches, get_method
 from m2ib.errors import InputError
 from m2ib.pipeline.cache import AttributionCache
 from m2ib.types import Attribution, Sample
@@ -31,19 +29,8 @@ def compute_attributions(adapter, method: str, params: dict, samples: Sequence[S
     if todo:
         log.info("%s: computing %d of %d samples (%d cached) into %s", method, len(todo), len(samples),
                  len(samples) - len(todo), cache.dir)
-        attributor = get_method(method, adapter, **params)
-        bar = tqdm(total=len(todo), desc=method, unit="pair", disable=not progress)
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            pixels = adapter.preprocess([s.image for s in chunk])
-            text = adapter.tokenize([s.caption for s in chunk])
-            try:
-                att = attributor.attribute(pixels, text, [pair_seed(s.id, seed) for s in chunk])
-            except InputError as exc:
-                raise InputError(f"{method} on samples {[s.id for s in chunk]}: {exc}") from exc
-            cache.put([s.id for s in chunk], att)
-            bar.update(len(chunk))
-        bar.close()
+        attribute_in_batches(get_method(method, adapter, **params), todo, seed=seed, batch_size=batch_size,
+                             progress=progress, on_batch=lambda chunk, att: cache.put([s.id for s in chunk], att))
     else:
         log.info("%s: all %d samples cached in %s", method, len(samples), cache.dir)
     return cache.get(ids)

@@ -1,6 +1,7 @@
 """One configured run: model x data x methods x metrics -> per-sample rows -> a versioned table."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -81,13 +82,32 @@ def run_experiment(cfg: dict, run_dir: Optional[Path] = None) -> dict:
     samples = load_samples(cfg["data"], progress=progress)
     if not samples:
         raise InputError(f"no samples in data set {cfg['data']}")
+    seed, batch_size = int(cfg.get("seed", 0)), int(cfg.get("batch_size", 8))
+    pair_metrics = {k: v for k, v in metrics.items() if k != "sanity"}
+    out_dirs = [Path(run_dir)] if run_dir else []
+    if cfg.get("write_results", True):
+        out_dirs.append(Path(cfg["results_dir"]) / cfg["experiment_name"])
+    meta = run_metadata(cfg, len(samples), device, {"seed": seed, "bootstrap_seed": seed})
+    stem = table_stem(cfg, len(samples))
+    result = {"paths": {}}
+    if pair_metrics:
+        result = _pair_metrics(cfg, adapter, identity, samples, methods, pair_metrics, progress, out_dirs, stem, meta)
+    if "sanity" in metrics:
+        result["sanity"] = _sanity(adapter, samples, methods, metrics["sanity"] or {}, seed, batch_size, progress,
+                                   out_dirs, stem, meta)
+        result["paths"].update(result["sanity"]["paths"])
+    return result
+
+
+def _pair_metrics(cfg, adapter, identity, samples, methods, metrics, progress, out_dirs, stem, meta) -> dict:
+    """Per-pair metrics of every method, merged into one row per (sample, method, modality), aggregated."""
+    seed, batch_size = int(cfg.get("seed", 0)), int(cfg.get("batch_size", 8))
     per_method, timings, examples = [], {}, {}
     keys = ["sample_id", "method", "modality"]
     for name, params in methods.items():
         start = time.perf_counter()
         att = compute_attributions(adapter, name, params or {}, samples, cfg["cache_dir"], identity,
-                                   seed=int(cfg.get("seed", 0)), batch_size=int(cfg.get("batch_size", 8)),
-                                   progress=progress)
+                                   seed=seed, batch_size=batch_size, progress=progress)
         timings[name] = {"wall_seconds": time.perf_counter() - start,
                          "seconds_per_pair_when_computed": att.seconds / len(samples)}
         examples[name] = att.select(range(min(4, len(samples))))
@@ -108,13 +128,8 @@ def run_experiment(cfg: dict, run_dir: Optional[Path] = None) -> dict:
         raise InputError("no metric produced rows (see the warnings above)")
     rows = pd.concat(per_method, ignore_index=True)
     values = [c for m in metrics for c in VALUE_COLUMNS[m] if c in rows.columns]
-    table = aggregate(rows, GROUP_BY, values, seed=int(cfg.get("seed", 0)))
-    meta = run_metadata(cfg, len(samples), device, {"seed": cfg.get("seed", 0), "bootstrap_seed": cfg.get("seed", 0)})
-    meta["timings"] = timings
-    stem = table_stem(cfg, len(samples))
-    out_dirs = [Path(run_dir)] if run_dir else []
-    if cfg.get("write_results", True):
-        out_dirs.append(Path(cfg["results_dir"]) / cfg["experiment_name"])
+    table = aggregate(rows, GROUP_BY, values, seed=seed)
+    meta = {**meta, "timings": timings}
     paths = {}
     for out in out_dirs:
         paths = write_table(table, rows, out, stem, GROUP_BY, values, meta)
@@ -123,3 +138,29 @@ def run_experiment(cfg: dict, run_dir: Optional[Path] = None) -> dict:
             paths["examples"] = method_grid(out / f"{stem}.examples.png", adapter, samples, examples)
         log.info("wrote %s", paths["md"])
     return {"rows": rows, "table": table, "paths": paths}
+
+
+def _sanity(adapter, samples, methods, params, seed, batch_size, progress, out_dirs, stem, meta) -> dict:
+    """Cascading randomisation per method (maps recomputed on each randomised copy, so not cached)."""
+    from metrics.attribute import attribute_with
+    from metrics.sanity import cascading_randomisation, plot_sanity_curve, sanity_table
+    frames = []
+    for name, mparams in methods.items():
+        fn = attribute_with(name, batch_size=batch_size, seed=seed, **(mparams or {}))
+        frames.append(cascading_randomisation(adapter, samples, fn, encoders=params.get("encoders", ["image", "text"]),
+                                              seed=seed, absolute=bool(params.get("absolute", False)),
+                                              method=name, progress=progress))
+    rows = pd.concat(frames, ignore_index=True)
+    paths = {}
+    for out in out_dirs:
+        out.mkdir(parents=True, exist_ok=True)
+        paths["sanity_rows"] = out / f"{stem}.sanity.rows.csv"
+        rows.to_csv(paths["sanity_rows"], index=False, float_format="%.6g")
+        for value in ("spearman", "ssim"):
+            table = sanity_table(rows, value)
+            paths[f"sanity_{value}"] = out / f"{stem}.sanity-{value}.csv"
+            table.to_csv(paths[f"sanity_{value}"], float_format="%.4g")
+            (out / f"{stem}.sanity-{value}.md").write_text(table.round(3).to_string() + "\n")
+            paths[f"sanity_{value}_curve"] = plot_sanity_curve(rows, out / f"{stem}.sanity-{value}.png", value)
+        (out / f"{stem}.sanity.meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    return {"rows": rows, "paths": paths}

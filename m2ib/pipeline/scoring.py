@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 VALUE_COLUMNS = {
     "confidence": ["drop", "relative_drop", "increase"],
     "localisation": ["iou", "pointing_game", "bbox_ratio", "text_ratio", "text_ap"],
+    "roar": ["roar_similarity_before", "roar_similarity", "roar_r1_image_to_text", "roar_r1_text_to_image"],
 }
 
 
@@ -51,4 +52,17 @@ def score(metric: str, params: dict, attribution: Attribution, adapter, samples:
         else:
             log.warning("%s: no text localisation (no token scores, or no token ground truth)", attribution.method)
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    raise InputError(f"unknown metric {metric!r}; available: {sorted(VALUE_COLUMNS)}")
+    if metric == "roar":
+        from metrics.roar import RoarConfig, roar_plus
+        modalities = [m for m in params.pop("modalities", ["image", "text"]) if getattr(attribution, m) is not None]
+        checkpoint_dir = params.pop("checkpoint_dir", None)
+        rows = roar_plus(adapter, samples, {attribution.method: lambda _adapter, _samples: attribution},
+                         modalities=modalities, config=RoarConfig(**params), random_baseline=False,
+                         checkpoint_dir=checkpoint_dir, progress=progress)
+        rows = rows.rename(columns={"similarity_before": "roar_similarity_before", "similarity": "roar_similarity",
+                                    "r1_image_to_text": "roar_r1_image_to_text",
+                                    "r1_text_to_image": "roar_r1_text_to_image"})
+        for col in ("roar_r1_image_to_text", "roar_r1_text_to_image"):
+            rows[col] = rows[col] * 100.0      # mean of 0/100 per pair = R@1 in percent
+        return rows.drop(columns=["n_finetune", "n_eval"])
+    raise InputError(f"unknown metric {metric!r}; available: {sorted(VALUE_COLUMNS) + ['sanity']}")
