@@ -1,0 +1,133 @@
+"""Attention baselines, read through adapter.record_attention: last-layer raw attention, attention
+rollout (Abnar & Zuidema 2020) and gradient-weighted relevance (Chefer et al. 2021).
+
+The pooled token's row is read: the class token (position 0) for images, the end-of-text token
+(text.eot) for text. Image rows go to the pixel frame with adapter.hidden_to_image_map (which drops
+the class token's own column), text rows to token scores with adapter.hidden_to_text_scores.
+Families whose towers have no attention (e.g. ResNet image towers) raise UnsupportedError.
+
+Note: raw attention and rollout of one tower do not depend on the other modality at all (the image
+map is the same for every caption); only Chefer's gradient weighting makes them pair-specific.
+"""
+from __future__ import annotations
+
+import torch
+
+from baselines._common import (Baseline, embedding_score_fn, image_embedding, image_score_fn,
+                               require_attention, text_embedding, text_length)
+from m2ib.attributor import register_method
+from m2ib.errors import InputError, UnsupportedError
+
+
+class _AttentionBaseline(Baseline):
+    """Records each block's (B, heads, N, N) attention during one encode and turns it into the
+    pooled token's row of per-position values; subclasses say how (`relevance`)."""
+
+    needs_grad = False
+
+    def _record(self, modality, run):
+        """Run `run()` while recording `modality` attention; returns (output, attention list)."""
+        try:
+            with self.adapter.record_attention(modality) as rec:
+                out = run()
+        except UnsupportedError:
+            raise
+        except NotImplementedError as exc:
+            raise UnsupportedError(f"{self.name}: model {self.adapter.name} cannot record {modality} "
+                                   f"attention: {exc}") from exc
+        return out, require_attention(self.adapter, modality, rec, self.name)
+
+    def relevance(self, attn: list[torch.Tensor], score: torch.Tensor) -> torch.Tensor:
+        """(B, N, N) relevance matrix between positions."""
+        raise NotImplementedError
+
+    def _rows(self, modality, run, pooled_index):
+        ctx = torch.enable_grad() if self.needs_grad else torch.no_grad()
+        with ctx:
+            score, attn = self._record(modality, run)
+            rel = self.relevance(attn, score)
+        rows = torch.arange(rel.shape[0], device=rel.device)
+        return rel[rows, pooled_index.to(rel.device)].detach()
+
+    def explain_image(self, pixels, text, seeds):
+        score = image_score_fn(self.adapter, text_embedding(self.adapter, text))
+        x = pixels.detach().clone().requires_grad_(self.needs_grad)
+        cls = torch.zeros(pixels.shape[0], dtype=torch.long, device=pixels.device)
+        return self.adapter.hidden_to_image_map(self._rows("image", lambda: score(x), cls))
+
+    def explain_text(self, pixels, text, seeds):
+        emb = self.adapter.embed_tokens(text)[:, : text_length(self.adapter, text)].detach()
+        emb.requires_grad_(self.needs_grad)
+        score = embedding_score_fn(self.adapter, text, image_embedding(self.adapter, pixels))
+        values = self._rows("text", lambda: score(emb), text.eot)
+        return self.adapter.hidden_to_text_scores(values, text)
+
+
+@register_method("raw_attention")
+class RawAttention(_AttentionBaseline):
+    """The last block's attention probabilities from the pooled token, averaged over heads."""
+
+    def relevance(self, attn, score):
+        return attn[-1].float().mean(dim=1)
+
+
+@register_method("rollout")
+class AttentionRollout(_AttentionBaseline):
+    """Attention rollout (Abnar & Zuidema 2020): per block A' = 0.5 * fuse_heads(A) + 0.5 * I
+    (the residual path), rows renormalised, multiplied from block `start_layer` (0) to the last.
+    head_fusion: 'mean' (the paper's choice, default), 'max' or 'min'."""
+
+    defaults = {"start_layer": 0, "head_fusion": "mean"}
+
+    def check_hparams(self):
+        if self.hparams["head_fusion"] not in ("mean", "max", "min"):
+            raise InputError(f"method {self.name!r}: head_fusion must be 'mean', 'max' or 'min', "
+                             f"got {self.hparams['head_fusion']!r}")
+        _check_start_layer(self)
+
+    def relevance(self, attn, score):
+        fuse = {"mean": lambda a: a.mean(1), "max": lambda a: a.amax(1), "min": lambda a: a.amin(1)}
+        fuse = fuse[self.hparams["head_fusion"]]
+        eye = torch.eye(attn[0].shape[-1], device=attn[0].device, dtype=torch.float32)
+        roll = eye.expand(attn[0].shape[0], -1, -1)
+        for a in attn[self.hparams["start_layer"]:]:
+            a = 0.5 * fuse(a.float()) + 0.5 * eye
+            a = a / a.sum(-1, keepdim=True)
+            roll = a @ roll
+        return roll
+
+
+@register_method("chefer")
+class GenericAttentionRelevance(_AttentionBaseline):
+    """Gradient-weighted attention relevance (Chefer, Gur & Wolf, ICCV 2021, Eq. 5-6 for
+    self-attention): R = I, then per block from `start_layer` (0) on
+    R <- R + mean_heads((dA ⊙ A)^+) R, with dA = d s / d A, s the explained cosine similarity."""
+
+    defaults = {"start_layer": 0}
+    needs_grad = True
+
+    def check_hparams(self):
+        _check_start_layer(self)
+
+    def relevance(self, attn, score):
+        if not score.requires_grad:
+            raise UnsupportedError(f"{self.name}: the similarity of model {self.adapter.name} has no gradient "
+                                   f"w.r.t. its recorded attention")
+        grads = torch.autograd.grad(score.sum(), attn, allow_unused=True)
+        if any(g is None for g in grads[self.hparams["start_layer"]:]):
+            raise UnsupportedError(f"{self.name}: model {self.adapter.name} recorded attention that does not "
+                                   f"reach its embedding, so it cannot be gradient-weighted")
+        B, _, N, _ = attn[0].shape
+        R = torch.eye(N, device=attn[0].device).expand(B, N, N)
+        for a, g in list(zip(attn, grads))[self.hparams["start_layer"]:]:
+            cam = (g.float() * a.detach().float()).clamp(min=0).mean(1)
+            R = R + cam @ R
+        return R
+
+
+def _check_start_layer(method: Baseline) -> None:
+    start = method.hparams["start_layer"]
+    low = min(method.adapter.num_layers.values())
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < low:
+        raise InputError(f"method {method.name!r}: start_layer must be an integer in 0..{low - 1} for "
+                         f"{method.adapter.name}, got {start!r}")
