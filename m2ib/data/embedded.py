@@ -1,0 +1,185 @@
+"""The embedded grounded benchmark: generated shape data in the real file formats + its small CLIP.
+
+Public entry points: EMBEDDED_MODEL_NAME, load_embedded_adapter(), load_embedded_split().
+Splits are generated on first use into `<repo>/.cache/embedded/` (override with $M2IB_EMBEDDED_CACHE)
+and checked against the committed manifest m2ib/assets/embedded/data_manifest.json (hashes of the
+CSV/TSV texts and of the decoded pixels), so every machine computes tables on identical data.
+Each split folder holds: `<split>.csv` (MS-CXR layout + `target_words` column), `<split>.tsv`
+(Conceptual Captions layout), `<split>.text_gt.csv` (text ground truth for the TSV),
+`<split>.objects.jsonl` (every object's attributes and box) and `images/*.png`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from m2ib.data.cc import write_cc, write_text_gt
+from m2ib.data.generator import GENERATOR_VERSION, IMAGE_SIZE, generate_pair, pixel_sha256
+from m2ib.data.mscxr import TEXT_GT_COLUMN, load_mscxr, write_mscxr
+from m2ib.errors import DataUnavailableError, InputError, ModelUnavailableError
+from m2ib.types import Sample
+
+EMBEDDED_MODEL_NAME = "m2ib-shapes-vit"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "embedded"
+CHECKPOINT = ASSET_DIR / f"{EMBEDDED_MODEL_NAME}.pt"
+CHECKPOINT_SHA256 = ASSET_DIR / f"{EMBEDDED_MODEL_NAME}.pt.sha256"
+DATA_MANIFEST = ASSET_DIR / "data_manifest.json"
+DATA_SEED = 20231210
+SPLIT_SIZES = {"train": 8000, "val": 500, "test": 500}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("M2IB_EMBEDDED_CACHE", REPO_ROOT / ".cache" / "embedded"))
+
+
+def split_dir(split: str, root: Optional[Path] = None) -> Path:
+    return Path(root or cache_dir()) / f"v{GENERATOR_VERSION}-seed{DATA_SEED}" / split
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_split(split: str, out_dir, n: Optional[int] = None, seed: int = DATA_SEED, progress: bool = True) -> Path:
+    """Generate `split` and write it in the real formats into out_dir (created)."""
+    if split not in SPLIT_SIZES:
+        raise InputError(f"unknown split {split!r}; expected one of {sorted(SPLIT_SIZES)}")
+    n = SPLIT_SIZES[split] if n is None else n
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    samples, paths, objects = [], [], []
+    for i in tqdm(range(n), desc=f"generating {split}", disable=not progress):
+        p = generate_pair(seed, split, i)
+        rel = f"images/{p.id}.png"
+        image = Image.fromarray(p.image)
+        image.save(out / rel)
+        samples.append(Sample(id=p.id, image=image, caption=p.caption, boxes=p.boxes,
+                              target_words=p.target_words, category=p.category))
+        paths.append(rel)
+        objects.append({"id": p.id, "target": list(p.target),
+                        "size_in_caption": len(p.target_words) == 3,
+                        "objects": [{"colour": o.colour, "shape": o.shape, "size": o.size, "box": list(o.box)}
+                                    for o in p.objects]})
+    write_mscxr(out / f"{split}.csv", samples, paths, extra_columns=[TEXT_GT_COLUMN])
+    write_cc(out / f"{split}.tsv", [s.caption for s in samples], paths)
+    write_text_gt(out / f"{split}.text_gt.csv", paths, [s.target_words for s in samples])
+    with open(out / f"{split}.objects.jsonl", "w", encoding="utf-8") as fh:
+        for rec in objects:
+            fh.write(json.dumps(rec, sort_keys=True) + "\n")
+    return out
+
+
+def digest_split(split: str, folder) -> dict:
+    """What the manifest records for a split folder: text-file hashes and one hash over all pixels."""
+    folder = Path(folder)
+    files = {k: folder / f"{split}.{k}" for k in ("csv", "tsv", "text_gt.csv", "objects.jsonl")}
+    for f in files.values():
+        if not f.is_file():
+            raise DataUnavailableError(f"embedded split file {f} is missing")
+    pixels = hashlib.sha256()
+    paths = sorted((folder / "images").glob("*.png"))
+    for p in paths:
+        with Image.open(p) as im:
+            pixels.update(pixel_sha256(np.asarray(im.convert("RGB"))).encode())
+    return {"n": len(paths), **{f"{k}_sha256": _sha256_file(f) for k, f in files.items()},
+            "pixels_sha256": pixels.hexdigest()}
+
+
+def read_manifest() -> dict:
+    if not DATA_MANIFEST.is_file():
+        raise DataUnavailableError(f"data manifest {DATA_MANIFEST} is missing; recreate it with "
+                                   f"python scripts/make_embedded_data.py --write-manifest")
+    return json.loads(DATA_MANIFEST.read_text())
+
+
+def ensure_split(split: str, root: Optional[Path] = None, progress: bool = True) -> Path:
+    """The split's folder, generated and verified against the manifest on first use."""
+    if split not in SPLIT_SIZES:
+        raise InputError(f"unknown split {split!r}; expected one of {sorted(SPLIT_SIZES)}")
+    manifest = read_manifest()
+    expected = manifest.get("splits", {}).get(split)
+    if expected is None or manifest.get("seed") != DATA_SEED or manifest.get("generator_version") != GENERATOR_VERSION:
+        raise DataUnavailableError(f"{DATA_MANIFEST} has no entry for split {split!r} with seed {DATA_SEED} and "
+                                   f"generator version {GENERATOR_VERSION}; run scripts/make_embedded_data.py --write-manifest")
+    final = split_dir(split, root)
+    stamp = final / ".verified.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == expected:
+        if _sha256_file(final / f"{split}.csv") != expected["csv_sha256"]:
+            raise InputError(f"{final / f'{split}.csv'} was modified (sha256 differs from {DATA_MANIFEST}); "
+                             f"delete {final} to regenerate it")
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=final.parent))
+    try:
+        write_split(split, tmp, progress=progress)
+        got = digest_split(split, tmp)
+        if got != expected:
+            bad = sorted(k for k in expected if got.get(k) != expected.get(k))
+            raise InputError(f"generated embedded split {split!r} differs from {DATA_MANIFEST} in {bad}: this "
+                             f"machine's numpy/scikit-image/Pillow draw different data, so results would not "
+                             f"be comparable (got {got})")
+        (tmp / ".verified.json").write_text(json.dumps(expected))
+        if final.exists():
+            shutil.rmtree(final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / ".verified.json").is_file():   # another process did not win the race either
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load_embedded_split(split: str = "test", limit: Optional[int] = None, root: Optional[Path] = None,
+                        progress: bool = True) -> list[Sample]:
+    """Samples of a split read back through the MS-CXR loader; meta gets every object of the image
+    (meta['objects']), the target's attributes (meta['target']) and whether the size is in the caption."""
+    folder = ensure_split(split, root, progress=progress)
+    samples = load_mscxr(folder / f"{split}.csv", folder, limit=limit, progress=progress)
+    extra = {}
+    with open(folder / f"{split}.objects.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            rec = json.loads(line)
+            extra[rec["id"]] = rec
+    for s in samples:
+        rec = extra[s.id]
+        s.meta.update(objects=rec["objects"], target=tuple(rec["target"]), size_in_caption=rec["size_in_caption"],
+                      split=split)
+    return samples
+
+
+def verify_checkpoint(path: Path = CHECKPOINT) -> str:
+    """sha256 of the committed checkpoint, checked against its .sha256 file."""
+    if not Path(path).is_file():
+        raise ModelUnavailableError(f"embedded checkpoint {path} is missing; retrain it with `make embedded-model`")
+    if not CHECKPOINT_SHA256.is_file():
+        raise ModelUnavailableError(f"checksum file {CHECKPOINT_SHA256} is missing")
+    expected = CHECKPOINT_SHA256.read_text().split()[0]
+    got = _sha256_file(path)
+    if got != expected:
+        raise ModelUnavailableError(f"embedded checkpoint {path} has sha256 {got}, expected {expected} "
+                                    f"(from {CHECKPOINT_SHA256}); the file is corrupt or was replaced")
+    return got
+
+
+def load_embedded_adapter(device: str = "cpu"):
+    """The committed small CLIP, loaded through the same open_clip path as any real checkpoint."""
+    from m2ib.models.registry import load_adapter
+    verify_checkpoint()
+    return load_adapter(EMBEDDED_MODEL_NAME, pretrained=str(CHECKPOINT), device=device)
+
+
+__all__ = ["EMBEDDED_MODEL_NAME", "load_embedded_adapter", "load_embedded_split", "ensure_split",
+           "write_split", "digest_split", "verify_checkpoint", "IMAGE_SIZE"]
