@@ -13,15 +13,15 @@ RUN     := $(PYTHON) scripts/run.py model=$(MODEL) data=$(DATA)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e ".[test]"
+	$(PYTHON) -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 ## The test suite (CI runs exactly this through .ci/run).
 test: $(STAMP)
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n 2 tests
 
 ## Table 1 (confidence drop/increase, all methods, both modalities). Real data: MODEL=vit_b32_openai DATA=cc
 reproduce-table1: $(STAMP)
@@ -52,7 +52,7 @@ bench-baselines: $(STAMP)
 
 ## Retrain the embedded benchmark's small CLIP (deterministic, CPU, ~15 min) and rewrite its assets.
 embedded-model: $(STAMP)
-	$(PYTHON) scripts/train_embedded_model.py $(ARGS)
+	OMP_NUM_THREADS=1 $(PYTHON) scripts/train_embedded_model.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

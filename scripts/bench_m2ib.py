@@ -65,7 +65,10 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=1, help="timed repeats per batch size (best is kept)")
     p.add_argument("--layer", type=int, default=9)
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
     adapter = load_adapter(args.model, pretrained=None, device=str(device))

@@ -23,9 +23,8 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         result = run_experiment(resolved, run_dir=run_dir)
-    except M2IBError as exc:
+    except M2IBError as exc:              # a clear message, not a traceback
         log.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     paths = result["paths"]
     for key in ("md", "sanity_spearman"):

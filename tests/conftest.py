@@ -4,7 +4,16 @@ import pytest
 import torch
 from PIL import Image
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One torch thread per test process: `make test` runs two pytest-xdist workers on the 2-core machines,
+# and oversubscribed OpenMP threads busy-wait against each other.
+torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    """Generate the embedded test split once, in the controller, before xdist workers start."""
+    if not hasattr(config, "workerinput"):
+        from m2ib.data.embedded import ensure_split
+        ensure_split("test", progress=False)
 
 
 @pytest.fixture(scope="session")
