@@ -1,7 +1,7 @@
 """The committed embedded model: its hash, its loading path, and the two quality checks of the issue.
 
 Quality thresholds, on the whole held-out test split (500 pairs): image->caption R@1 among 20 candidates
->= 0.75 (chance 0.05; the issue aims at 0.8, the committed model measures 0.794, see
+>= 0.80 (chance 0.05; the issue's aim; the committed model measures 0.868, see
 m2ib/assets/embedded/quality.json), and masking the true box lowers similarity at least 3x more than
 masking a random region of the same size.
 """
@@ -70,7 +70,7 @@ def test_split_samples_carry_both_ground_truths(test_pairs):
 
 def test_held_out_zero_shot_retrieval(adapter, test_pairs):
     r = retrieval_at_1(adapter, test_pairs, n_candidates=20, seed=0)
-    assert r["r_at_1"] >= 0.75, r
+    assert r["r_at_1"] >= 0.80, r
 
 
 def test_model_uses_the_target(adapter, test_pairs):

@@ -35,7 +35,7 @@ CHECKPOINT = ASSET_DIR / f"{EMBEDDED_MODEL_NAME}.pt"
 CHECKPOINT_SHA256 = ASSET_DIR / f"{EMBEDDED_MODEL_NAME}.pt.sha256"
 DATA_MANIFEST = ASSET_DIR / "data_manifest.json"
 DATA_SEED = 20231210
-SPLIT_SIZES = {"train": 8000, "val": 500, "test": 500}
+SPLIT_SIZES = {"train": 16000, "val": 500, "test": 500}
 
 
 def cache_dir() -> Path:
