@@ -13,17 +13,6 @@ from m2ib.attributor import available_methods, get_method
 from m2ib.errors import InputError, UnsupportedError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models run fastest on one thread: on the shared 2-core machine, two OpenMP threads
-    spin against other jobs (measured: this file 5-10 s with 1 thread, 20-50 s with 2 under load).
-    Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 SEEDS = [11, 22, 33]
 # Small settings so each call takes well under a second on the tiny model.
 FAST = {"rise": {"n_masks": 64, "batch_size": 32}, "kernel_shap": {"n_samples": 40, "n_segments": 12},

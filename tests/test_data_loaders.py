@@ -112,8 +112,8 @@ def test_cc_tsv_local_paths_urls_and_manifest(tmp_path):
                                      "a dead link\thttp://x.org/c.jpg\n"
                                      "never downloaded\thttp://x.org/d.jpg\n")
     _csv(tmp_path / "manifest.csv", [["http://x.org/b.jpg", "dl/b.png", sha_b, "ok"],
-                                     ["http://x.org/c.jpg", "", "", "http_404"]], ("url", "path", "sha256", "status"))
-    with pytest.warns(UserWarning, match=r"skipped 2 row\(s\).*http_404: 1.*not in manifest: 1"):
+                                     ["http://x.org/c.jpg", "", "", "dead"]], ("url", "path", "sha256", "status"))
+    with pytest.warns(UserWarning, match=r"skipped 2 row\(s\).*dead: 1.*not in manifest: 1"):
         samples = load_cc(tmp_path / "cc.tsv", tmp_path, manifest=tmp_path / "manifest.csv", verify_sha256=True)
     assert [s.caption for s in samples] == ["a red thing", "a green thing"]
     assert [s.id for s in samples] == ["cc:1", "cc:2"]

@@ -21,17 +21,6 @@ from m2ib.attributor import get_method
 from m2ib.geometry import boxes_to_mask
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models run fastest on one thread: on the shared 2-core machine, two OpenMP threads
-    spin against other jobs (measured: this file 5-10 s with 1 thread, 20-50 s with 2 under load).
-    Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 N_PAIRS = 16
 #: The attention maps cost almost nothing, so they are also checked on more pairs; last-layer raw
 #: attention is the weakest and noisiest baseline here (measured on this model: lead over random

@@ -19,27 +19,19 @@ from tqdm import tqdm
 from m2ib.errors import DataUnavailableError, InputError
 from m2ib.types import Sample
 
-MANIFEST_COLUMNS = ("url", "path", "sha256", "status")
 
 
 def _is_url(entry: str) -> bool:
     return entry.startswith(("http://", "https://", "ftp://"))
 
 
-def _read_manifest(manifest: Path) -> dict[str, dict]:
+def _read_manifest(manifest: Path) -> dict:
+    """url -> the downloader's manifest record (same reader as the downloader's: one format, one parser)."""
+    from m2ib.download.cc import read_manifest
     if not manifest.is_file():
-        raise DataUnavailableError(f"download manifest {manifest} does not exist; run the CC downloader first")
-    with open(manifest, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise InputError(f"{manifest}: missing column(s) {missing}; expected {list(MANIFEST_COLUMNS)}")
-        out = {}
-        for row_no, row in enumerate(reader, start=1):
-            if None in row or any(row.get(c) is None for c in MANIFEST_COLUMNS):
-                raise InputError(f"{manifest} row {row_no} (line {reader.line_num}): wrong number of fields")
-            out[row["url"]] = row
-    return out
+        raise DataUnavailableError(f"download manifest {manifest} does not exist; run the CC downloader first "
+                                   f"(scripts/download_cc.py) or point data.manifest at it")
+    return read_manifest(manifest)
 
 
 def _read_text_gt(path: Path) -> dict[str, list[str]]:
@@ -88,11 +80,11 @@ def load_cc(tsv_path, image_root, manifest=None, text_gt=None, limit: Optional[i
                     raise DataUnavailableError(f"{where}: entry is a URL ({entry[:80]}) but no manifest= was "
                                                f"given; download the images and pass the downloader's manifest")
                 rec = urls.get(entry)
-                status = rec["status"] if rec is not None else "not in manifest"
+                status = rec.status if rec is not None else "not in manifest"
                 if status != "ok":
                     skipped[status] = skipped.get(status, 0) + 1
                     continue
-                path, sha = rec["path"], rec["sha256"] or None
+                path, sha = rec.path, rec.sha256 or None
             else:
                 path = entry
             rows.append((line_no, where, caption, path, sha))

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import copy as _copy
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from m2ib.errors import InputError
+from m2ib.geometry import boxes_to_input_frame
 from m2ib.types import TextBatch
 
 MODALITIES = ("image", "text")
@@ -38,21 +41,42 @@ class ModelAdapter(abc.ABC):
     num_layers: dict[str, int]      # blocks per modality
     context_length: int
     blank_token_id: int             # token used to "remove" a word (faithfulness metrics)
+    resize_mode: str                # open_clip's image resize mode ('shortest', 'longest', 'squash')
+    num_prefix: int = 1             # class/prefix tokens before the patch tokens of the image hidden state
+
+    def _wrap(self, model, preprocess, tokenizer, name: str, device) -> None:
+        """Common set-up: the model frozen in eval mode on `device`, its preprocessing and tokenizer."""
+        self.name = name
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self._preprocess = preprocess
+        self.tokenizer = tokenizer
+        self._record: dict[str, Optional[list]] = {"image": None, "text": None}
 
     # ---- inputs -------------------------------------------------------------------------
-    @abc.abstractmethod
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> (B, 3, H, W) tensor on self.device, exactly as the model was trained."""
+        out = []
+        for i, im in enumerate(images):
+            if not isinstance(im, Image.Image):
+                raise InputError(f"image {i} is a {type(im).__name__}, not a PIL image")
+            out.append(self._preprocess(im.convert("RGB")))
+        if not out:
+            raise InputError("no images given")
+        return torch.stack(out).to(self.device)
 
     @abc.abstractmethod
     def tokenize(self, captions: Sequence[str]) -> TextBatch:
         """Captions -> TextBatch on self.device. Empty captions raise InputError; over-long ones are
         truncated with a warning and flagged in TextBatch.truncated."""
 
-    @abc.abstractmethod
     def box_to_input_frame(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
         """(K, 4) x, y, w, h boxes in original pixels (original_size = (width, height)) -> the same
         boxes in the preprocessed frame (after resize + centre crop), clipped to it."""
+        return boxes_to_input_frame(boxes, original_size, (self.image_size[1], self.image_size[0]),
+                                    self.resize_mode)
 
     # ---- whole encoders -----------------------------------------------------------------
     @abc.abstractmethod
@@ -83,10 +107,12 @@ class ModelAdapter(abc.ABC):
         """(B, N) bool: which positions of prefix()'s hidden state are real inputs (image: all;
         text: start-of-text .. end-of-text, no padding)."""
 
-    @abc.abstractmethod
     def hidden_to_image_map(self, values: torch.Tensor) -> torch.Tensor:
         """(B, N) per-token values of the image hidden state -> (B, H, W) map in the preprocessed
         frame (class/prefix tokens dropped, grid bilinearly upsampled)."""
+        gh, gw = self.grid_size
+        grid = values[:, self.num_prefix:].reshape(values.shape[0], 1, gh, gw).float()
+        return F.interpolate(grid, size=self.image_size, mode="bilinear", align_corners=False)[:, 0]
 
     def hidden_to_text_scores(self, values: torch.Tensor, text: TextBatch) -> torch.Tensor:
         """(B, T') per-position values of the text hidden state -> (B, T) scores on the TextBatch
@@ -97,11 +123,20 @@ class ModelAdapter(abc.ABC):
         return out * text.word_mask.to(out.device)
 
     # ---- hooks for baselines and sanity checks ----------------------------------------------
-    @abc.abstractmethod
     @contextlib.contextmanager
     def record_attention(self, modality: str) -> Iterator[list]:
         """Context manager; yields a list that fills with one (B, heads, N, N) attention-probability
-        tensor per block (graph kept, so gradients w.r.t. them are available) during encodes."""
+        tensor per block (graph kept, so gradients w.r.t. them are available) during encodes.
+        Adapters read self._record[modality] in their block loops."""
+        if modality not in self._record:
+            raise InputError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        if self._record[modality] is not None:
+            raise RuntimeError(f"already recording {modality} attention")
+        self._record[modality] = []
+        try:
+            yield self._record[modality]
+        finally:
+            self._record[modality] = None
 
     @abc.abstractmethod
     def gradcam_target(self, modality: str) -> tuple[torch.nn.Module, Optional[Callable]]:
@@ -121,9 +156,10 @@ class ModelAdapter(abc.ABC):
         """Named parameter groups of one encoder, from the output (projection) down to the input
         embeddings, for cascading randomisation (Adebayo et al. 2018)."""
 
-    @abc.abstractmethod
     def copy(self) -> "ModelAdapter":
-        """An independent deep copy (for sanity checks that overwrite weights)."""
+        """An independent deep copy of the model (sanity checks and ROAR+ overwrite weights); the
+        read-only tokenizer and preprocessing are shared, not copied (the BPE tables are large)."""
+        return _copy.deepcopy(self, {id(self.tokenizer): self.tokenizer, id(self._preprocess): self._preprocess})
 
     # ---- shared checks -------------------------------------------------------------------
     def check_layer(self, modality: str, layer: int) -> int:

@@ -17,20 +17,15 @@ Facts this adapter relies on (read from open_clip 3.x / timm 1.x / transformers 
 """
 from __future__ import annotations
 
-import contextlib
-import copy as _copy
 import json
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from m2ib.errors import InputError, UnsupportedError
-from m2ib.geometry import boxes_to_input_frame
 from m2ib.models.base import ModelAdapter
 from m2ib.types import TextBatch
 
@@ -123,17 +118,11 @@ class OpenClipHFAdapter(ModelAdapter):
     family = "open_clip_hf"
 
     def __init__(self, model, preprocess, tokenizer, name: str, device="cpu"):
-        self.name = name
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self._preprocess = preprocess
+        self._wrap(model, preprocess, tokenizer, name, device)
         if not hasattr(tokenizer, "tokenizer") or not hasattr(tokenizer, "clean_fn"):
             raise UnsupportedError(f"{name}: tokenizer {type(tokenizer).__name__} is not open_clip's HFTokenizer")
         if getattr(tokenizer, "tokenizer_mode", "") == "clips":
             raise UnsupportedError(f"{name}: HFTokenizer mode 'clips' (no [CLS]/[SEP] layout) is not supported")
-        self.tokenizer = tokenizer
         self._check_towers()
         v = self.model.visual
         self.visual, self.trunk = v, v.trunk
@@ -167,7 +156,6 @@ class OpenClipHFAdapter(ModelAdapter):
         self._image_query = (0 if getattr(self.trunk, "attn_pool", None) is None
                              and self.trunk.global_pool == "token" else None)
         self._text_query = 0 if self._pool_kind == "cls" else None
-        self._record: dict[str, list | None] = {"image": None, "text": None}
 
     def _check_towers(self) -> None:
         """Refuse, with the reason, any tower this adapter's written-out forward would get wrong."""
@@ -196,16 +184,6 @@ class OpenClipHFAdapter(ModelAdapter):
             raise UnsupportedError(f"{self.name}: text pooler {pooler} is not supported (supported: {_SUPPORTED_POOLERS})")
 
     # ---- inputs -------------------------------------------------------------------------------
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        out = []
-        for i, im in enumerate(images):
-            if not isinstance(im, Image.Image):
-                raise InputError(f"image {i} is a {type(im).__name__}, not a PIL image")
-            out.append(self._preprocess(im.convert("RGB")))
-        if not out:
-            raise InputError("no images given")
-        return torch.stack(out).to(self.device)
-
     def tokenize(self, captions: Sequence[str]) -> TextBatch:
         captions = list(captions)
         if not captions:
@@ -234,10 +212,6 @@ class OpenClipHFAdapter(ModelAdapter):
                   for row, e in zip(ids, eot.tolist())]
         return TextBatch(ids.to(self.device), eot.to(self.device), tokens, word_mask.to(self.device),
                          truncated, captions)
-
-    def box_to_input_frame(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
-        return boxes_to_input_frame(boxes, original_size, (self.image_size[1], self.image_size[0]),
-                                    self.resize_mode)
 
     # ---- text helpers ---------------------------------------------------------------------------
     def _text_len(self, text: TextBatch) -> int:
@@ -332,24 +306,7 @@ class OpenClipHFAdapter(ModelAdapter):
         return self._text_head(x, ids)
 
     # ---- maps ---------------------------------------------------------------------------------------
-    def hidden_to_image_map(self, values: torch.Tensor) -> torch.Tensor:
-        gh, gw = self.grid_size
-        grid = values[:, self.num_prefix:].reshape(values.shape[0], 1, gh, gw).float()
-        return F.interpolate(grid, size=self.image_size, mode="bilinear", align_corners=False)[:, 0]
-
     # ---- hooks -----------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def record_attention(self, modality: str):
-        if modality not in self._record:
-            raise InputError(f"modality must be 'image' or 'text', got {modality!r}")
-        if self._record[modality] is not None:
-            raise RuntimeError(f"already recording {modality} attention")
-        self._record[modality] = []
-        try:
-            yield self._record[modality]
-        finally:
-            self._record[modality] = None
-
     def gradcam_target(self, modality: str):
         if modality == "image":
             gh, gw, npre = *self.grid_size, self.num_prefix
@@ -381,9 +338,6 @@ class OpenClipHFAdapter(ModelAdapter):
         groups = [("text.projection", head)]
         groups += [(f"text.block{i}", list(layers[i].parameters())) for i in reversed(range(len(layers)))]
         return groups + [("text.embeddings", list(self.bert.embeddings.parameters()))]
-
-    def copy(self) -> "OpenClipHFAdapter":
-        return _copy.deepcopy(self)
 
 
 # ---- a tiny offline model of this family (tests, examples) -----------------------------------------

@@ -5,19 +5,14 @@ ViT config: ViT-B-32, ViT-B-16, ViT-L-14 and the small configs this project regi
 """
 from __future__ import annotations
 
-import contextlib
-import copy as _copy
 import warnings
 from types import SimpleNamespace
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from m2ib.errors import InputError, UnsupportedError
-from m2ib.geometry import boxes_to_input_frame
 from m2ib.models.base import ModelAdapter
 from m2ib.models.blocks import run_block
 from m2ib.types import TextBatch
@@ -47,13 +42,7 @@ class OpenClipViTAdapter(ModelAdapter):
     family = "open_clip_vit"
 
     def __init__(self, model, preprocess, tokenizer, name: str, device="cpu"):
-        self.name = name
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self._preprocess = preprocess
-        self.tokenizer = tokenizer
+        self._wrap(model, preprocess, tokenizer, name, device)
         v = self.model.visual
         if not hasattr(v, "transformer") or not hasattr(v, "_embeds"):
             raise UnsupportedError(f"{name}: image tower {type(v).__name__} is not an open_clip VisionTransformer")
@@ -67,23 +56,12 @@ class OpenClipViTAdapter(ModelAdapter):
         self.context_length = int(self.text.positional_embedding.shape[0])
         self.text_causal = self.text.attn_mask is not None
         self._trim_image = v.attn_pool is None and getattr(v, "pool_type", "tok") == "tok"
-        self._record: dict[str, list | None] = {"image": None, "text": None}
         enc = getattr(tokenizer, "encoder", {})
         self.blank_token_id = int(enc.get("!</w>", 0)) if enc else 0
         self._decoder = getattr(tokenizer, "decoder", None)
         self._byte_decoder = getattr(tokenizer, "byte_decoder", None)
 
     # ---- inputs -------------------------------------------------------------------------------
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        out = []
-        for i, im in enumerate(images):
-            if not isinstance(im, Image.Image):
-                raise InputError(f"image {i} is a {type(im).__name__}, not a PIL image")
-            out.append(self._preprocess(im.convert("RGB")))
-        if not out:
-            raise InputError("no images given")
-        return torch.stack(out).to(self.device)
-
     def _token_string(self, tid: int) -> str:
         if self._decoder is None:
             return str(tid)
@@ -120,10 +98,6 @@ class OpenClipViTAdapter(ModelAdapter):
                   for row, e in zip(ids, eot.tolist())]
         return TextBatch(ids.to(self.device), eot.to(self.device), tokens, word_mask.to(self.device),
                          truncated, captions)
-
-    def box_to_input_frame(self, boxes: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
-        return boxes_to_input_frame(boxes, original_size, (self.image_size[1], self.image_size[0]),
-                                    self.resize_mode)
 
     # ---- text helpers ---------------------------------------------------------------------------
     def _text_len(self, text: TextBatch) -> int:
@@ -217,23 +191,7 @@ class OpenClipViTAdapter(ModelAdapter):
             x = run_block(blk, x, mask, record=rec)
         return self._text_project(x[torch.arange(x.shape[0], device=x.device), text.eot])
 
-    # ---- maps ---------------------------------------------------------------------------------------
-    def hidden_to_image_map(self, values: torch.Tensor) -> torch.Tensor:
-        gh, gw = self.grid_size
-        grid = values[:, 1:].reshape(values.shape[0], 1, gh, gw).float()
-        return F.interpolate(grid, size=self.image_size, mode="bilinear", align_corners=False)[:, 0]
-
     # ---- hooks -----------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def record_attention(self, modality: str):
-        if self._record[modality] is not None:
-            raise RuntimeError(f"already recording {modality} attention")
-        self._record[modality] = []
-        try:
-            yield self._record[modality]
-        finally:
-            self._record[modality] = None
-
     def gradcam_target(self, modality: str):
         if modality == "image":
             gh, gw = self.grid_size
@@ -261,7 +219,3 @@ class OpenClipViTAdapter(ModelAdapter):
         groups = [("text.projection", head + list(t.ln_final.parameters()))]
         groups += [(f"text.block{i}", list(t.blocks[i].parameters())) for i in reversed(range(len(t.blocks)))]
         return groups + [("text.embeddings", [t.token_embedding.weight, t.positional_embedding])]
-
-    def copy(self) -> "OpenClipViTAdapter":
-        # The tokenizer and preprocessing are read-only and large to copy (the BPE tables): share them.
-        return _copy.deepcopy(self, {id(self.tokenizer): self.tokenizer, id(self._preprocess): self._preprocess})
