@@ -33,7 +33,7 @@ reproduce-table2: $(STAMP)
 
 ## Multirun over beta / var / layer on the embedded set, collected into results/sweep/ with heatmaps.
 sweep: $(STAMP)
-	$(RUN) --multirun experiment=sweep $(ARGS)
+	$(PYTHON) scripts/run.py --multirun model=$(MODEL) data=$(DATA) experiment=sweep $(ARGS)
 	$(PYTHON) scripts/collect_sweep.py
 
 ## The CI metric-regression check alone, and regenerating its committed reference (say why in the commit).

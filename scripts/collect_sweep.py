@@ -64,12 +64,13 @@ def heatmaps(df: pd.DataFrame, swept: list[str], out: Path) -> list[Path]:
         for metric in [m for m in METRICS if m in part.columns and part[m].notna().any()]:
             panels = [()] if not rest else sorted(part[rest].drop_duplicates().itertuples(index=False, name=None))
             fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
+            lo, hi = part[metric].min(), part[metric].max()       # one colour scale for all panels
             for ax, panel in zip(axes[0], panels):
                 sel = part
                 for k, v in zip(rest, panel):
                     sel = sel[sel[k] == v]
                 grid = sel.pivot_table(index=rows_key, columns=cols_key, values=metric, aggfunc="mean")
-                im = ax.imshow(grid.to_numpy(), cmap="viridis", aspect="auto")
+                im = ax.imshow(grid.to_numpy(), cmap="viridis", aspect="auto", vmin=lo, vmax=hi)
                 ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
                 ax.set_yticks(range(grid.shape[0]), [str(i) for i in grid.index])
                 ax.set_xlabel(cols_key.split(".")[-1])
