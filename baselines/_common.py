@@ -95,8 +95,9 @@ class Baseline(Attributor):
 
     def pairs(self, n: int, what: str) -> Iterable[int]:
         """range(n) with a progress bar (per-pair loops of the perturbation methods are long)."""
+        off = not self.hparams["progress"] or n < 2
         return tqdm(range(n), desc=f"{self.name} {what}", leave=False,
-                    disable=not self.hparams["progress"] or n < 2)
+                    disable=True if off else None)   # None: only on a terminal, not in logs
 
 
 # ---- input checks ---------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ attribute(adapter, samples) function.
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 from m2ib.errors import InputError
 from m2ib.models.base import ModelAdapter
@@ -18,12 +18,14 @@ AttributeFn = Callable[[ModelAdapter, Sequence[Sample]], Attribution]
 
 
 def attribute_with(method: Union[str, Callable], batch_size: int = 8, seed: int = 0,
-                   progress: bool = False, **hparams) -> AttributeFn:
+                   progress: bool = False, hparams: Optional[dict] = None, **more_hparams) -> AttributeFn:
     """attribute(adapter, samples) running an Attributor in batches.
 
     method: a registered method name (built with get_method(method, adapter, **hparams)) or a factory
-    adapter -> Attributor.
+    adapter -> Attributor. Pass the method's hyperparameters as `hparams` when one of them shares a
+    name with this function's own arguments (several baselines have a `batch_size`).
     """
+    hparams = {**(hparams or {}), **more_hparams}
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
 

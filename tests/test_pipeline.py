@@ -128,3 +128,18 @@ def test_compare_tables_reports_moved_missing_and_nan_cells():
     assert "reference" in format_drift(drift, 1e-3, 0) and "0.6" in format_drift(drift, 1e-3, 0)
     missing = compare_tables(ref.iloc[[0]], ref, ["method", "modality"], ["iou"], atol=1e-3, rtol=0)
     assert list(missing["method"]) == ["b"]
+
+
+def test_sanity_experiment_runs_methods_with_their_own_batch_size(tiny_adapter, tmp_path):
+    """A method hyperparameter called batch_size must reach the method, not clash with the runner's."""
+    cfg = OmegaConf.to_container(_compose(["experiment=sanity", "model=tiny", "data.limit=2",
+                                           "method=[integrated_gradients]", "method.integrated_gradients.n_steps=2",
+                                           "method.integrated_gradients.batch_size=3",
+                                           "metric.sanity.encoders=[image]"]), resolve=True)
+    cfg.update(cache_dir=str(tmp_path / "cache"), results_dir=str(tmp_path / "results"), progress=False)
+    from m2ib.pipeline.experiment import run_experiment
+    result = run_experiment(cfg)
+    rows = result["sanity"]["rows"]
+    assert set(rows["method"]) == {"integrated_gradients"} and set(rows["encoder"]) == {"image"}
+    assert rows["spearman"].notna().any()
+    assert (tmp_path / "results" / "sanity").is_dir() and result["paths"]["sanity_spearman_curve"].is_file()

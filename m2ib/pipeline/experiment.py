@@ -146,7 +146,7 @@ def _sanity(adapter, samples, methods, params, seed, batch_size, progress, out_d
     from metrics.sanity import cascading_randomisation, plot_sanity_curve, sanity_table
     frames = []
     for name, mparams in methods.items():
-        fn = attribute_with(name, batch_size=batch_size, seed=seed, **(mparams or {}))
+        fn = attribute_with(name, batch_size=batch_size, seed=seed, hparams=mparams or {})
         frames.append(cascading_randomisation(adapter, samples, fn, encoders=params.get("encoders", ["image", "text"]),
                                               seed=seed, absolute=bool(params.get("absolute", False)),
                                               method=name, progress=progress))
