@@ -36,12 +36,13 @@ def explain(adapter, images: Sequence, captions: Sequence[str], method: str = "m
     parts = []
     for start in tqdm(range(0, len(pil), batch_size), disable=not progress, desc=method, unit="batch"):
         stop = start + batch_size
-        pixels = adapter.preprocess(pil[start:stop])
-        text = adapter.tokenize(captions[start:stop])
         try:
+            pixels = adapter.preprocess(pil[start:stop])
+            text = adapter.tokenize(captions[start:stop])
             part = attributor.attribute(pixels, text, seeds[start:stop])
         except InputError as exc:
-            raise InputError(f"pairs {start}..{min(stop, len(pil)) - 1}: {exc}") from exc
+            raise InputError(f"pairs {start}..{min(stop, len(pil)) - 1} (numbers in the message count from "
+                             f"{start}): {exc}") from exc
         part.meta["truncated"] = text.truncated
         parts.append(part)
     return concat_attributions(parts) if len(parts) > 1 else parts[0]

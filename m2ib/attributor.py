@@ -89,18 +89,33 @@ def attribute_in_batches(attributor: Attributor, samples: Sequence, seed: int = 
     bar = tqdm(total=len(samples), desc=attributor.name, unit="pair", disable=not progress, leave=False)
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        pixels = adapter.preprocess([s.image for s in chunk])
-        text = adapter.tokenize([s.caption for s in chunk])
         try:
+            pixels = adapter.preprocess([s.image for s in chunk])
+            text = adapter.tokenize([s.caption for s in chunk])
             att = attributor.attribute(pixels, text, [pair_seed(s.id, seed) for s in chunk])
         except InputError as exc:
-            raise InputError(f"{attributor.name} on samples {[s.id for s in chunk]}: {exc}") from exc
+            raise InputError(f"{attributor.name} on samples {[s.id for s in chunk]} (positions within this "
+                             f"list): {exc}") from exc
         if on_batch is not None:
             on_batch(chunk, att)
         parts.append(att)
         bar.update(len(chunk))
     bar.close()
     return parts
+
+
+def _concat_meta(values: list):
+    """Per-row meta of several batches as one: lists joined, per-row tensors concatenated (2-D ones
+    padded to the widest), anything else kept as the list of per-batch values."""
+    if all(isinstance(v, list) for v in values):
+        return [x for v in values for x in v]
+    if all(isinstance(v, torch.Tensor) and v.dim() >= 1 for v in values):
+        if all(v.dim() == 2 for v in values):
+            width = max(v.shape[1] for v in values)
+            values = [torch.nn.functional.pad(v, (0, width - v.shape[1])) for v in values]
+        if len({v.shape[1:] for v in values}) == 1:
+            return torch.cat([v.cpu() for v in values])
+    return values
 
 
 def concat_attributions(parts: list[Attribution]) -> Attribution:
@@ -118,9 +133,8 @@ def concat_attributions(parts: list[Attribution]) -> Attribution:
         return torch.cat([v.cpu() for v in values])
 
     meta: dict = {}
-    for p in parts:
-        for k, v in p.meta.items():
-            meta.setdefault(k, []).append(v)
+    for k in parts[0].meta:
+        meta[k] = _concat_meta([p.meta.get(k) for p in parts])
     return Attribution(method=parts[0].method, image=cat("image"), text=cat("text"),
                        tokens=[t for p in parts for t in p.tokens], token_mask=cat("token_mask"),
                        seconds=sum(p.seconds for p in parts), meta=meta)

@@ -16,7 +16,7 @@ Two estimator modes:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -41,6 +41,12 @@ class ModalityConfig:
     def validate(self, modality: str) -> "ModalityConfig":
         def bad(msg):
             raise InputError(f"m2ib {modality}: {msg}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                bad(f"{f.name} must be an integer, got {value!r}")
+            if f.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                bad(f"{f.name} must be a number, got {value!r}")
         if self.beta < 0:
             bad(f"beta must be >= 0, got {self.beta}")
         if not self.var > 0:
@@ -82,6 +88,8 @@ class M2IBConfig:
         return cfg.validate()
 
     def validate(self) -> "M2IBConfig":
+        if not isinstance(self.image, ModalityConfig) or not isinstance(self.text, ModalityConfig):
+            raise InputError("M2IBConfig.image and .text must be ModalityConfig instances")
         if self.mode not in MODES:
             raise InputError(f"m2ib mode must be one of {MODES}, got {self.mode!r}")
         self.image.validate("image")

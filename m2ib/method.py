@@ -9,6 +9,7 @@ import torch
 
 from m2ib.attributor import Attributor, register_method
 from m2ib.bottleneck import M2IBConfig, fit_bottleneck
+from m2ib.errors import InputError
 from m2ib.types import Attribution, TextBatch
 
 
@@ -31,6 +32,8 @@ class M2IBAttributor(Attributor):
 
     def __init__(self, adapter, config: M2IBConfig | None = None, modalities=("image", "text"), **hparams):
         super().__init__(adapter, **hparams)
+        if config is not None and hparams:
+            raise InputError(f"m2ib: give either config= or keyword hyperparameters, not both (got {sorted(hparams)})")
         self.config = (config or M2IBConfig.from_kwargs(**hparams)).validate()
         self.modalities = tuple(modalities)
 

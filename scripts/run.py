@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from m2ib.errors import M2IBError  # noqa: E402
@@ -25,6 +26,8 @@ def main(cfg: DictConfig) -> None:
         result = run_experiment(resolved, run_dir=run_dir)
     except M2IBError as exc:              # a clear message, not a traceback
         log.error("%s", exc)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise                         # let the sweep report this job and go on deciding for itself
         sys.exit(2)
     paths = result["paths"]
     for key in ("md", "sanity_spearman"):

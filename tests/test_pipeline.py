@@ -81,7 +81,7 @@ def test_interrupted_run_resumes_without_recomputing(tiny_adapter, samples, tmp_
     with pytest.raises(Interrupted):
         compute_attributions(tiny_adapter, "m2ib", params, samples, tmp_path, {"m": 1}, batch_size=2, progress=False)
     cache = AttributionCache(tmp_path, "m2ib", {"model": {"m": 1}, "params": params, "seed": 0})
-    assert len(cache.missing([s.id for s in samples])) == 4          # first batch of 2 was kept
+    assert len(cache.missing(samples)) == 4                           # first batch of 2 was kept
     calls.clear()
     resumed = compute_attributions(tiny_adapter, "m2ib", params, samples, tmp_path, {"m": 1}, batch_size=2,
                                    progress=False)
@@ -94,6 +94,19 @@ def test_interrupted_run_resumes_without_recomputing(tiny_adapter, samples, tmp_
     other = compute_attributions(tiny_adapter, "m2ib", params, samples, tmp_path / "other", {"m": 1},
                                  batch_size=3, progress=False)
     torch.testing.assert_close(other.image, fresh.image, rtol=1e-3, atol=1e-3)
+
+
+def test_cache_never_returns_another_samples_map(tiny_adapter, samples, tmp_path):
+    """Same id, other pixels (e.g. a re-downloaded subset): recomputed, not served from the cache.
+    Ids that sanitise to the same file name ('a:1', 'a_1') get different files."""
+    params = dict(layer=1, steps=2, copies=2)
+    first = compute_attributions(tiny_adapter, "m2ib", params, samples[:1], tmp_path, {"m": 1}, progress=False)
+    changed = [Sample(id=samples[0].id, image=samples[1].image, caption=samples[0].caption)]
+    again = compute_attributions(tiny_adapter, "m2ib", params, changed, tmp_path, {"m": 1}, progress=False)
+    fresh = compute_attributions(tiny_adapter, "m2ib", params, changed, tmp_path / "fresh", {"m": 1}, progress=False)
+    assert not torch.equal(first.image, again.image) and torch.equal(again.image, fresh.image)
+    cache = AttributionCache(tmp_path, "m2ib", {"model": {"m": 1}, "params": params, "seed": 0})
+    assert cache.path("a:1") != cache.path("a_1")
 
 
 def test_cache_key_separates_hyperparameters(tiny_adapter, samples, tmp_path):
@@ -143,3 +156,28 @@ def test_sanity_experiment_runs_methods_with_their_own_batch_size(tiny_adapter, 
     assert set(rows["method"]) == {"integrated_gradients"} and set(rows["encoder"]) == {"image"}
     assert rows["spearman"].notna().any()
     assert (tmp_path / "results" / "sanity").is_dir() and result["paths"]["sanity_spearman_curve"].is_file()
+
+
+def test_shards_partition_the_data_and_merge_into_one_table(tmp_path):
+    """Two shards of one run cover every pair once; merging them equals the unsharded table."""
+    import subprocess
+    import sys
+    from m2ib.pipeline.experiment import run_experiment
+    base = ["model=tiny", "data.limit=4", "method=[random]", "metric=[localisation]"]
+    results = {}
+    for extra in (["data.num_shards=1"], ["data.shard=0", "data.num_shards=2"], ["data.shard=1", "data.num_shards=2"]):
+        cfg = OmegaConf.to_container(_compose(base + extra), resolve=True)
+        cfg.update(cache_dir=str(tmp_path / "cache"), results_dir=str(tmp_path / "results"), progress=False,
+                   figures=False)
+        results[extra[-1] + extra[0]] = run_experiment(cfg)
+    whole = results["data.num_shards=1data.num_shards=1"]
+    ids = [set(r["rows"]["sample_id"]) for k, r in results.items() if "=2" in k]
+    assert ids[0].isdisjoint(ids[1]) and ids[0] | ids[1] == set(whole["rows"]["sample_id"])
+    stem = Path(str(whole["paths"]["csv"])[: -len(".csv")])      # shards share the unsharded stem
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "merge_shards.py"),
+                           str(stem)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    merged = pd.read_csv(f"{stem}.csv")
+    pd.testing.assert_frame_equal(merged.sort_values("modality").reset_index(drop=True)[["method", "modality", "n", "iou"]],
+                                  whole["table"].sort_values("modality").reset_index(drop=True)[["method", "modality", "n", "iou"]],
+                                  check_dtype=False)

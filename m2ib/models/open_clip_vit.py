@@ -31,6 +31,8 @@ def _text_tower(model) -> SimpleNamespace:
     else:
         raise UnsupportedError("this open_clip model's text tower is not an open_clip TextTransformer "
                                "(hf-hub text towers need the open_clip_hf adapter)")
+    if getattr(t, "use_pad_mask", False):
+        raise UnsupportedError("bidirectional text towers with a padding mask are not supported")
     if cls_emb is not None or pool not in ("argmax", "eos"):
         raise UnsupportedError(f"text pooling {pool!r} / class-token text towers are not supported")
     return SimpleNamespace(token_embedding=t.token_embedding, positional_embedding=t.positional_embedding,

@@ -24,13 +24,12 @@ def compute_attributions(adapter, method: str, params: dict, samples: Sequence[S
     if len(set(ids)) != len(ids):
         raise InputError("sample ids are not unique; the cache needs unique ids")
     cache = AttributionCache(cache_root, method, {"model": model_identity, "params": dict(params), "seed": seed})
-    todo_ids = set(cache.missing(ids))
-    todo = [s for s in samples if s.id in todo_ids]
+    todo = cache.missing(samples)
     if todo:
         log.info("%s: computing %d of %d samples (%d cached) into %s", method, len(todo), len(samples),
                  len(samples) - len(todo), cache.dir)
         attribute_in_batches(get_method(method, adapter, **params), todo, seed=seed, batch_size=batch_size,
-                             progress=progress, on_batch=lambda chunk, att: cache.put([s.id for s in chunk], att))
+                             progress=progress, on_batch=cache.put)
     else:
         log.info("%s: all %d samples cached in %s", method, len(samples), cache.dir)
-    return cache.get(ids)
+    return cache.get(samples)

@@ -34,8 +34,8 @@ def build_adapter(model_cfg: dict, device: str):
     return adapter, identity
 
 
-def load_samples(data_cfg: dict, progress: bool = True) -> list:
-    """The configured data set's samples, then this job's shard (every num_shards-th pair)."""
+def load_samples(data_cfg: dict, progress: bool = True) -> tuple[list, int]:
+    """(this job's shard of the configured data set's samples: every num_shards-th pair, total count)."""
     kind = data_cfg.get("kind")
     limit = data_cfg.get("limit")
     if kind == "embedded":
@@ -54,11 +54,12 @@ def load_samples(data_cfg: dict, progress: bool = True) -> list:
     shard, num = int(data_cfg.get("shard", 0)), int(data_cfg.get("num_shards", 1))
     if num < 1 or not 0 <= shard < num:
         raise InputError(f"data.shard must be in 0..num_shards-1, got shard={shard}, num_shards={num}")
-    return samples[shard::num]
+    return samples[shard::num], len(samples)
 
 
 def table_stem(cfg: dict, n: int) -> str:
-    """File name of a table, saying what produced it (like timm's results-<dataset>.csv files)."""
+    """File name of a table, saying what produced it (like timm's results-<dataset>.csv files); n is the
+    data set's size before sharding, so every shard of one run shares the stem merge_shards.py joins."""
     model = cfg["model"]["name"].replace("/", "_").replace(":", "_")
     data = cfg["data"]["kind"] + (f"-{cfg['data']['split']}" if cfg["data"].get("split") else "")
     stem = f"{cfg['experiment_name']}-{model}-{data}-n{n}"
@@ -67,19 +68,42 @@ def table_stem(cfg: dict, n: int) -> str:
     return stem
 
 
+def check_run_settings(cfg: dict) -> None:
+    """Reject run settings of the wrong type or range with a message naming the config key."""
+    def integer(key, value, low):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InputError(f"{key} must be an integer >= {low}, got {value!r}")
+    integer("seed", cfg.get("seed", 0), 0)
+    integer("batch_size", cfg.get("batch_size", 8), 1)
+    if cfg.get("threads") is not None:
+        integer("threads", cfg["threads"], 1)
+    data = cfg.get("data") or {}
+    integer("data.num_shards", data.get("num_shards", 1), 1)
+    integer("data.shard", data.get("shard", 0), 0)
+    if data.get("limit") is not None:
+        integer("data.limit", data["limit"], 1)
+    device = str(cfg.get("device", "cpu"))
+    if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
+        raise InputError(f"device must be cpu, cuda or cuda:<index>, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("device=cuda was asked for but no CUDA device is available; use device=cpu")
+    if data.get("num_shards", 1) > 1 and {"roar", "sanity"} & set(cfg.get("metric") or {}):
+        raise InputError("ROAR+ and the sanity checks need the whole data set in one job (the fine-tune split and "
+                         "the retrieval gallery would change per shard); run them with data.num_shards=1")
+
+
 def run_experiment(cfg: dict, run_dir: Optional[Path] = None) -> dict:
     """Run a resolved config (a plain dict); returns {'rows', 'table', 'paths'}."""
+    check_run_settings(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     device = cfg.get("device", "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("device=cuda was asked for but no CUDA device is available; use device=cpu")
     progress = bool(cfg.get("progress", True))
     methods, metrics = cfg.get("method") or {}, cfg.get("metric") or {}
     if not methods or not metrics:
         raise InputError("a run needs at least one method (method=[...]) and one metric (metric=[...])")
     adapter, identity = build_adapter(cfg["model"], device)
-    samples = load_samples(cfg["data"], progress=progress)
+    samples, total = load_samples(cfg["data"], progress=progress)
     if not samples:
         raise InputError(f"no samples in data set {cfg['data']}")
     seed, batch_size = int(cfg.get("seed", 0)), int(cfg.get("batch_size", 8))
@@ -88,7 +112,7 @@ def run_experiment(cfg: dict, run_dir: Optional[Path] = None) -> dict:
     if cfg.get("write_results", True):
         out_dirs.append(Path(cfg["results_dir"]) / cfg["experiment_name"])
     meta = run_metadata(cfg, len(samples), device, {"seed": seed, "bootstrap_seed": seed})
-    stem = table_stem(cfg, len(samples))
+    stem = table_stem(cfg, total)
     result = {"paths": {}}
     if pair_metrics:
         result = _pair_metrics(cfg, adapter, identity, samples, methods, pair_metrics, progress, out_dirs, stem, meta)

@@ -6,6 +6,7 @@ columns a table aggregates. 'increase' is turned into 0/100 per pair so its mean
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
@@ -56,6 +57,8 @@ def score(metric: str, params: dict, attribution: Attribution, adapter, samples:
         from metrics.roar import RoarConfig, roar_plus
         modalities = [m for m in params.pop("modalities", ["image", "text"]) if getattr(attribution, m) is not None]
         checkpoint_dir = params.pop("checkpoint_dir", None)
+        if checkpoint_dir is not None:   # one folder per exact set of maps: other hyperparameters never reuse it
+            checkpoint_dir = Path(checkpoint_dir) / attribution.meta.get("cache_key", attribution.method)
         rows = roar_plus(adapter, samples, {attribution.method: lambda _adapter, _samples: attribution},
                          modalities=modalities, config=RoarConfig(**params), random_baseline=False,
                          checkpoint_dir=checkpoint_dir, progress=progress)

@@ -31,7 +31,8 @@ def bootstrap_ci(values: np.ndarray, seed: int = 0, n: int = BOOTSTRAP_SAMPLES, 
 
 
 def aggregate(rows: pd.DataFrame, by: Sequence[str], values: Sequence[str], seed: int = 0) -> pd.DataFrame:
-    """One row per group: n, and for each value column its mean, ci_low, ci_high (NaNs ignored)."""
+    """One row per group: n (rows), and for each value column its mean, ci_low, ci_high and the number
+    of pairs it was computed on, <col>_n (NaNs ignored)."""
     out = []
     for key, group in rows.groupby(list(by), sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
@@ -42,19 +43,22 @@ def aggregate(rows: pd.DataFrame, by: Sequence[str], values: Sequence[str], seed
             lo, hi = bootstrap_ci(v, seed=seed)
             rec[col] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
             rec[f"{col}_ci_low"], rec[f"{col}_ci_high"] = lo, hi
+            rec[f"{col}_n"] = int(np.isfinite(v).sum())     # e.g. ROAR+ scores only its 20% evaluation split
         out.append(rec)
     return pd.DataFrame(out)
 
 
 def to_markdown(table: pd.DataFrame, by: Sequence[str], values: Sequence[str], digits: int = 3) -> str:
-    """Markdown with 'mean [low, high]' cells (no extra dependency)."""
+    """Markdown with 'mean [low, high]' cells, '(n=k)' where a cell covers fewer pairs than its row."""
     header = list(by) + ["n"] + list(values)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in table.iterrows():
         cells = [str(r[b]) for b in by] + [str(int(r["n"]))]
         for v in values:
             m, lo, hi = r[v], r[f"{v}_ci_low"], r[f"{v}_ci_high"]
-            cells.append("n/a" if not np.isfinite(m) else f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]")
+            cell = "n/a" if not np.isfinite(m) else f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+            k = r.get(f"{v}_n", r["n"])
+            cells.append(cell + (f" (n={int(k)})" if np.isfinite(m) and k != r["n"] else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,51 @@
+"""Join the per-sample rows of a sharded run (data.shard=i data.num_shards=n) into one table.
+
+    python scripts/merge_shards.py results/table1/table1-ViT-B-32-cc-n1000
+(the stem without '-shard<i>of<n>'). Every shard must be present; writes <stem>.csv/.md/.rows.csv/.meta.json
+with the bootstrap intervals recomputed over all pairs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd  # noqa: E402
+
+from m2ib.pipeline.experiment import GROUP_BY  # noqa: E402
+from m2ib.pipeline.scoring import VALUE_COLUMNS  # noqa: E402
+from m2ib.pipeline.tables import aggregate, write_table  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stem", help="path prefix of the shard tables, without -shard<i>of<n>")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    args = p.parse_args(argv)
+    stem = Path(args.stem)
+    shards = sorted(stem.parent.glob(f"{stem.name}-shard*of*.rows.csv"))
+    if not shards:
+        print(f"error: no files {stem}-shard<i>of<n>.rows.csv", file=sys.stderr)
+        return 2
+    found = {tuple(map(int, re.search(r"-shard(\d+)of(\d+)\.rows\.csv$", s.name).groups())) for s in shards}
+    total = {n for _, n in found}
+    if len(total) != 1 or {i for i, _ in found} != set(range(total.pop())):
+        print(f"error: incomplete or mixed shards: {sorted(found)}", file=sys.stderr)
+        return 2
+    rows = pd.concat([pd.read_csv(s) for s in shards], ignore_index=True)
+    values = [c for cols in VALUE_COLUMNS.values() for c in cols if c in rows.columns]
+    table = aggregate(rows, GROUP_BY, values, seed=args.seed)
+    metas = [json.loads(s.with_name(s.name.replace(".rows.csv", ".meta.json")).read_text()) for s in shards]
+    meta = {"merged_from": [str(s) for s in shards], "n_samples": int(rows["sample_id"].nunique()),
+            "bootstrap_seed": args.seed, "shards": metas}
+    paths = write_table(table, rows, stem.parent, stem.name, GROUP_BY, values, meta)
+    print(paths["md"].read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
