@@ -125,3 +125,15 @@ def test_truncated_caption_is_recorded(tiny_adapter, pairs):
     with pytest.warns(UserWarning, match="truncated"):
         att = explain(tiny_adapter, pairs[0][:1], ["word " * 90], **HP)
     assert att.meta["truncated"] == [True]
+
+
+def test_meta_is_per_pair_across_batches(tiny_adapter, pairs):
+    att = explain(tiny_adapter, *pairs, batch_size=2, **HP)
+    assert att.meta["truncated"] == [False, False, False]
+    assert att.meta["image_capacity"].shape[0] == 3 and att.meta["text_capacity"].shape[0] == 3
+    assert att.meta["similarity"].shape == (3,)
+
+
+def test_config_and_keywords_together_are_refused(tiny_adapter):
+    with pytest.raises(InputError, match="either config= or keyword"):
+        M2IBAttributor(tiny_adapter, config=M2IBConfig.from_kwargs(**HP), beta=1.0)
