@@ -1,5 +1,5 @@
-"""Pictures people look at: an image with its attribution heatmap and box, and the caption's tokens
-shaded by their scores."""
+"""Pictures people look at: images with each method's attribution heatmap and true boxes, and the
+caption's tokens shaded by their scores."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,18 +41,11 @@ def plot_pair(ax_img, ax_txt, image: np.ndarray, heatmap: Optional[np.ndarray], 
         ax_txt.set_xlim(0, max(x, 1.0))
 
 
-def save_examples(path, images, heatmaps, token_lists, score_lists, boxes=None, titles=None) -> Path:
-    """A grid with one column per pair: image with heatmap on top, shaded caption below."""
-    n = len(images)
-    fig, axes = plt.subplots(2, n, figsize=(2.6 * n, 3.2), gridspec_kw={"height_ratios": [5, 1]}, squeeze=False)
-    for i in range(n):
-        plot_pair(axes[0, i], axes[1, i], images[i], heatmaps[i] if heatmaps is not None else None,
-                  token_lists[i], score_lists[i], None if boxes is None else boxes[i],
-                  "" if titles is None else titles[i])
-    fig.tight_layout()
+def save_figure(fig, path, dpi: int = 110) -> Path:
+    """Write a matplotlib figure (parent folders created) and free it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -81,8 +74,4 @@ def method_grid(path, adapter, samples, attributions: dict, n: int = 4) -> Path:
             title = f"{name}\n{samples[c].caption}" if c == 0 else samples[c].caption
             plot_pair(axes[2 * r, c], axes[2 * r + 1, c], images[c], heat, words, scores, boxes[c], title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

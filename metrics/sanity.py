@@ -163,8 +163,7 @@ def sanity_table(rows: pd.DataFrame, value: str = "spearman") -> pd.DataFrame:
 
 def plot_sanity_curve(rows: pd.DataFrame, path, value: str = "spearman") -> Path:
     """One panel per (encoder, map): mean `value` per method against the cascade step; writes a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
+    from m2ib.figures import save_figure     # first: it selects the Agg backend
     import matplotlib.pyplot as plt
 
     if rows.empty:
@@ -186,8 +185,4 @@ def plot_sanity_curve(rows: pd.DataFrame, path, value: str = "spearman") -> Path
         ax.set_ylabel(value)
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

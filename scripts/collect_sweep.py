@@ -11,9 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import matplotlib  # noqa: E402
+from m2ib.figures import save_figure  # noqa: E402  (first: it selects the Agg backend)
 
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -81,10 +80,7 @@ def heatmaps(df: pd.DataFrame, swept: list[str], out: Path) -> list[Path]:
                 fig.colorbar(im, ax=ax, fraction=0.046)
             fig.suptitle(f"{metric} ({modality})", fontsize=10)
             fig.tight_layout()
-            path = out / f"sweep-{metric}-{modality}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            paths.append(path)
+            paths.append(save_figure(fig, out / f"sweep-{metric}-{modality}.png"))
     return paths
 
 

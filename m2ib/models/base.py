@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import copy as _copy
+import warnings
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -66,6 +67,25 @@ class ModelAdapter(abc.ABC):
         if not out:
             raise InputError("no images given")
         return torch.stack(out).to(self.device)
+
+    def _check_captions(self, captions: Sequence[str], encode: Callable[[str], list]) -> list[bool]:
+        """Reject empty captions (naming them) and flag, with a warning, those longer than the context;
+        encode(caption) gives its word-piece ids without start/end tokens. Returns the truncated flags."""
+        if not captions:
+            raise InputError("no captions given")
+        truncated = []
+        for i, c in enumerate(captions):
+            if not isinstance(c, str) or not c.strip():
+                raise InputError(f"caption {i} is empty or not a string: {c!r}")
+            body = encode(c)
+            if not body:
+                raise InputError(f"caption {i} has no tokens after cleaning: {c!r}")
+            cut = len(body) + 2 > self.context_length
+            if cut:
+                warnings.warn(f"caption {i} has {len(body) + 2} tokens, more than the context length "
+                              f"{self.context_length}; truncated: {c[:60]!r}...", stacklevel=3)
+            truncated.append(cut)
+        return truncated
 
     @abc.abstractmethod
     def tokenize(self, captions: Sequence[str]) -> TextBatch:

@@ -18,7 +18,6 @@ Facts this adapter relies on (read from open_clip 3.x / timm 1.x / transformers 
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -186,21 +185,9 @@ class OpenClipHFAdapter(ModelAdapter):
     # ---- inputs -------------------------------------------------------------------------------
     def tokenize(self, captions: Sequence[str]) -> TextBatch:
         captions = list(captions)
-        if not captions:
-            raise InputError("no captions given")
         hf_tok = self.tokenizer.tokenizer
-        truncated = []
-        for i, c in enumerate(captions):
-            if not isinstance(c, str) or not c.strip():
-                raise InputError(f"caption {i} is empty or not a string: {c!r}")
-            body = hf_tok(self.tokenizer.clean_fn(c), add_special_tokens=False).input_ids
-            if not body:
-                raise InputError(f"caption {i} has no tokens after cleaning: {c!r}")
-            cut = len(body) + 2 > self.context_length
-            if cut:
-                warnings.warn(f"caption {i} has {len(body) + 2} tokens, more than the context length "
-                              f"{self.context_length}; truncated: {c[:60]!r}...", stacklevel=2)
-            truncated.append(cut)
+        truncated = self._check_captions(
+            captions, lambda c: hf_tok(self.tokenizer.clean_fn(c), add_special_tokens=False).input_ids)
         ids = self.tokenizer(captions, context_length=self.context_length)
         real = ids != self.pad_id
         last_real = real.long().cumsum(1).argmax(1)          # index of the last non-padding token

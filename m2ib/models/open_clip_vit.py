@@ -5,14 +5,13 @@ ViT config: ViT-B-32, ViT-B-16, ViT-L-14 and the small configs this project regi
 """
 from __future__ import annotations
 
-import warnings
 from types import SimpleNamespace
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from m2ib.errors import InputError, UnsupportedError
+from m2ib.errors import UnsupportedError
 from m2ib.models.base import ModelAdapter
 from m2ib.models.blocks import run_block
 from m2ib.types import TextBatch
@@ -77,20 +76,7 @@ class OpenClipViTAdapter(ModelAdapter):
 
     def tokenize(self, captions: Sequence[str]) -> TextBatch:
         captions = list(captions)
-        if not captions:
-            raise InputError("no captions given")
-        truncated = []
-        for i, c in enumerate(captions):
-            if not isinstance(c, str) or not c.strip():
-                raise InputError(f"caption {i} is empty or not a string: {c!r}")
-            body = self.tokenizer.encode(c) if hasattr(self.tokenizer, "encode") else []
-            if hasattr(self.tokenizer, "encode") and not body:
-                raise InputError(f"caption {i} has no tokens after cleaning: {c!r}")
-            cut = len(body) + 2 > self.context_length
-            if cut:
-                warnings.warn(f"caption {i} has {len(body) + 2} tokens, more than the context length "
-                              f"{self.context_length}; truncated: {c[:60]!r}...", stacklevel=2)
-            truncated.append(cut)
+        truncated = self._check_captions(captions, self.tokenizer.encode)
         ids = self.tokenizer(captions, context_length=self.context_length)
         eot_id = self.tokenizer.eot_token_id
         eot = (ids == eot_id).int().argmax(dim=1)
