@@ -23,6 +23,12 @@ def tiny_adapter():
 
 
 @pytest.fixture(scope="session")
+def adapter(tiny_adapter):
+    """The same tiny model under the name the metric tests use (files may override it, e.g. embedded)."""
+    return tiny_adapter
+
+
+@pytest.fixture(scope="session")
 def pairs():
     rng = np.random.default_rng(0)
     images = [Image.fromarray((rng.random((40 + 7 * i, 50, 3)) * 255).astype("uint8")) for i in range(3)]

@@ -5,14 +5,8 @@ import torch
 from PIL import Image
 
 from m2ib.errors import InputError
-from m2ib.models.registry import load_adapter
 from m2ib.types import Attribution, Sample
 from metrics.confidence import blank_low_tokens, confidence_scores, mask_pixels, summarise_confidence
-
-
-@pytest.fixture(scope="module")
-def adapter():
-    return load_adapter("m2ib-tiny-vit", seed=0)
 
 
 @pytest.fixture(scope="module")

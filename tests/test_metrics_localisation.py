@@ -5,15 +5,9 @@ import torch
 from PIL import Image
 
 from m2ib.errors import InputError
-from m2ib.models.registry import load_adapter
 from m2ib.types import Attribution, Sample
 from metrics.localisation import (average_precision, image_localisation, summarise, target_token_mask,
                                   text_localisation, threshold_region)
-
-
-@pytest.fixture(scope="module")
-def adapter():
-    return load_adapter("m2ib-tiny-vit", seed=0)
 
 
 def wide_sample(sid, boxes):

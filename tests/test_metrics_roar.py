@@ -6,15 +6,9 @@ import torch
 from PIL import Image
 
 from m2ib.errors import InputError
-from m2ib.models.registry import load_adapter
 from m2ib.types import Attribution, Sample
 from metrics.roar import (RoarConfig, degrade_images, degrade_text, random_attribution, roar_plus,
                           split_indices, summarise_roar)
-
-
-@pytest.fixture(scope="module")
-def adapter():
-    return load_adapter("m2ib-tiny-vit", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,9 @@ import torch
 from PIL import Image
 
 from m2ib.errors import InputError
-from m2ib.models.registry import load_adapter
 from m2ib.types import Attribution, Sample
 from metrics.sanity import (cascading_randomisation, plot_sanity_curve, randomise_parameters, sanity_table,
                             spearman, ssim)
-
-
-@pytest.fixture(scope="module")
-def adapter():
-    return load_adapter("m2ib-tiny-vit", seed=0)
 
 
 @pytest.fixture(scope="module")

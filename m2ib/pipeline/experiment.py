@@ -115,7 +115,8 @@ def run_experiment(cfg: dict, run_dir: Optional[Path] = None) -> dict:
     stem = table_stem(cfg, total)
     result = {"paths": {}}
     if pair_metrics:
-        result = _pair_metrics(cfg, adapter, identity, samples, methods, pair_metrics, progress, out_dirs, stem, meta)
+        result = _pair_metrics(cfg, adapter, identity, samples, methods, pair_metrics, seed, batch_size, progress,
+                               out_dirs, stem, meta)
     if "sanity" in metrics:
         result["sanity"] = _sanity(adapter, samples, methods, metrics["sanity"] or {}, seed, batch_size, progress,
                                    out_dirs, stem, meta)
@@ -123,9 +124,9 @@ def run_experiment(cfg: dict, run_dir: Optional[Path] = None) -> dict:
     return result
 
 
-def _pair_metrics(cfg, adapter, identity, samples, methods, metrics, progress, out_dirs, stem, meta) -> dict:
+def _pair_metrics(cfg, adapter, identity, samples, methods, metrics, seed, batch_size, progress, out_dirs, stem,
+                  meta) -> dict:
     """Per-pair metrics of every method, merged into one row per (sample, method, modality), aggregated."""
-    seed, batch_size = int(cfg.get("seed", 0)), int(cfg.get("batch_size", 8))
     per_method, timings, examples = [], {}, {}
     keys = ["sample_id", "method", "modality"]
     for name, params in methods.items():
