@@ -1,8 +1,9 @@
 """Attribution baselines on the shared Attributor interface (gradient, perturbation, attention,
-random). Importing this package registers every method by name for m2ib.attributor.get_method:
-saliency, grad_x_input, integrated_gradients, gradcam, rise, occlusion, kernel_shap,
-raw_attention, rollout, chefer, random. All explain the pair's cosine similarity (see _common)."""
-from baselines import attention, gradient, perturbation, random_map  # noqa: F401  (registration)
+random). Importing this package imports every module in it, and each module registers its methods by
+name (m2ib.core.attributor.METHODS): a new baseline is one module here plus one conf/method/*.yaml.
+All explain the pair's cosine similarity (see base)."""
+import importlib
+import pkgutil
 
-NAMES = ("saliency", "grad_x_input", "integrated_gradients", "gradcam", "rise", "occlusion", "kernel_shap",
-         "raw_attention", "rollout", "chefer", "random")
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from baselines._common import (Baseline, embedding_score_fn, image_embedding, image_score_fn,
+from baselines.base import (Baseline, embedding_score_fn, image_embedding, image_score_fn,
                                require_attention, text_embedding, text_length)
-from m2ib.attributor import register_method
-from m2ib.errors import InputError, UnsupportedError
+from m2ib.core.attributor import register_method
+from m2ib.core.errors import InputError, UnsupportedError
 
 
 class _AttentionBaseline(Baseline):
@@ -79,10 +79,13 @@ class AttentionRollout(_AttentionBaseline):
 
     defaults = {"start_layer": 0, "head_fusion": "mean"}
 
-    def check_hparams(self):
-        if self.hparams["head_fusion"] not in ("mean", "max", "min"):
-            raise InputError(f"method {self.name!r}: head_fusion must be 'mean', 'max' or 'min', "
-                             f"got {self.hparams['head_fusion']!r}")
+    @classmethod
+    def check_values(cls, hp):
+        if hp["head_fusion"] not in ("mean", "max", "min"):
+            raise InputError(f"method {cls.name!r}: head_fusion must be 'mean', 'max' or 'min', "
+                             f"got {hp['head_fusion']!r}")
+
+    def setup(self):
         _check_start_layer(self)
 
     def relevance(self, attn, score):
@@ -106,7 +109,7 @@ class GenericAttentionRelevance(_AttentionBaseline):
     defaults = {"start_layer": 0}
     needs_grad = True
 
-    def check_hparams(self):
+    def setup(self):
         _check_start_layer(self)
 
     def relevance(self, attn, score):

@@ -13,10 +13,10 @@ import torch
 from captum.attr import InputXGradient, IntegratedGradients, Saliency
 from torch import nn
 
-from baselines._common import (Baseline, embedding_score_fn, image_embedding, image_score_fn,
-                               positive_int, text_embedding, text_length, with_blanks)
-from m2ib.attributor import register_method
-from m2ib.errors import InputError
+from baselines.base import (Baseline, embedding_score_fn, image_embedding, image_score_fn,
+                               positive_int, text_embedding, text_length)
+from m2ib.core.attributor import register_method
+from m2ib.core.errors import InputError
 
 
 def _token_embeddings(adapter, text):
@@ -81,13 +81,14 @@ class IntegratedGradientsMap(Baseline):
 
     defaults = {"n_steps": 20, "method": "gausslegendre", "batch_size": 64}
 
-    def check_hparams(self):
-        positive_int(self.name, "n_steps", self.hparams["n_steps"])
-        positive_int(self.name, "batch_size", self.hparams["batch_size"])
+    @classmethod
+    def check_values(cls, hp):
+        positive_int(cls.name, "n_steps", hp["n_steps"])
+        positive_int(cls.name, "batch_size", hp["batch_size"])
         allowed = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
-        if self.hparams["method"] not in allowed:
-            raise InputError(f"method {self.name!r}: hyperparameter method must be one of {allowed}, "
-                             f"got {self.hparams['method']!r}")
+        if hp["method"] not in allowed:
+            raise InputError(f"method {cls.name!r}: hyperparameter method must be one of {allowed}, "
+                             f"got {hp['method']!r}")
 
     def _ig(self, fn, inputs, baselines):
         rows = max(self.hparams["batch_size"], 2 * inputs.shape[0])
@@ -101,7 +102,7 @@ class IntegratedGradientsMap(Baseline):
 
     def explain_text(self, pixels, text, seeds):
         emb = _token_embeddings(self.adapter, text)
-        blank = with_blanks(self.adapter, text, torch.zeros_like(text.word_mask))
+        blank = text.with_blanks(torch.ones_like(text.word_mask), self.adapter.blank_token_id)
         base = _token_embeddings(self.adapter, blank)
         score = embedding_score_fn(self.adapter, text, image_embedding(self.adapter, pixels))
         return self.adapter.hidden_to_text_scores(self._ig(score, emb, base).sum(dim=-1), text)

@@ -2,7 +2,7 @@
 
 Image removal = the normalised frame's zero, i.e. the preprocessing mean colour. Text features are
 the word tokens; removing one replaces it by adapter.blank_token_id (start/end of text kept). Text
-methods run on a 0/1 "presence" vector over the words of one pair (see _common.presence_text_fn),
+methods run on a 0/1 "presence" vector over the words of one pair (see base.presence_text_fn),
 so captum's perturbations are exactly token substitutions.
 
 Each pair is explained on its own with its own seed (random draws on a CPU generator), so a pair's
@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from captum.attr import KernelShap, Occlusion
 
-from baselines._common import (Baseline, image_embedding, image_score_fn, positive_int, presence_text_fn,
-                               probability, text_embedding, word_positions, words_to_scores, generator)
-from m2ib.attributor import register_method
-from m2ib.errors import InputError
+from baselines.base import (Baseline, image_embedding, image_score_fn, positive_int, presence_text_fn,
+                               probability, text_embedding, word_positions, words_to_scores)
+from m2ib.core.attributor import register_method
+from m2ib.core.seeds import generator
+from m2ib.core.errors import InputError
 
 
 def _text_emb(adapter, text, b):
@@ -51,10 +52,11 @@ class RISE(Baseline):
 
     defaults = {"n_masks": 500, "grid": 7, "p_keep": 0.5, "batch_size": 50}
 
-    def check_hparams(self):
+    @classmethod
+    def check_values(cls, hp):
         for k in ("n_masks", "grid", "batch_size"):
-            positive_int(self.name, k, self.hparams[k])
-        probability(self.name, "p_keep", self.hparams["p_keep"])
+            positive_int(cls.name, k, hp[k])
+        probability(cls.name, "p_keep", hp["p_keep"])
 
     def _image_masks(self, g):
         """Low-resolution patterns and shifts for all masks of one pair, drawn up front so the
@@ -115,12 +117,15 @@ class OcclusionMap(Baseline):
 
     defaults = {"window": None, "stride": None, "text_window": 1, "batch_size": 32}
 
-    def check_hparams(self):
+    @classmethod
+    def check_values(cls, hp):
         for k in ("window", "stride"):
-            if self.hparams[k] is not None:
-                positive_int(self.name, k, self.hparams[k])
-        positive_int(self.name, "text_window", self.hparams["text_window"])
-        positive_int(self.name, "batch_size", self.hparams["batch_size"])
+            if hp[k] is not None:
+                positive_int(cls.name, k, hp[k])
+        positive_int(cls.name, "text_window", hp["text_window"])
+        positive_int(cls.name, "batch_size", hp["batch_size"])
+
+    def setup(self):
         H, W = self.adapter.image_size
         win = self._window()
         if win > min(H, W):
@@ -203,12 +208,13 @@ class KernelSHAPMap(Baseline):
 
     defaults = {"n_samples": 200, "n_segments": 50, "compactness": 10.0, "batch_size": 50}
 
-    def check_hparams(self):
+    @classmethod
+    def check_values(cls, hp):
         for k in ("n_samples", "n_segments", "batch_size"):
-            positive_int(self.name, k, self.hparams[k])
-        c = self.hparams["compactness"]
+            positive_int(cls.name, k, hp[k])
+        c = hp["compactness"]
         if isinstance(c, bool) or not isinstance(c, (int, float)) or c <= 0:
-            raise InputError(f"method {self.name!r}: hyperparameter compactness must be > 0, got {c!r}")
+            raise InputError(f"method {cls.name!r}: hyperparameter compactness must be > 0, got {c!r}")
 
     def _shap(self, fn, inputs, feature_mask, n_features, seed):
         with torch.no_grad():

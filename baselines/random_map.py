@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from baselines._common import Baseline, generator
-from m2ib.attributor import register_method
+from baselines.base import Baseline
+from m2ib.core.attributor import register_method
+from m2ib.core.seeds import generator
 
 
 @register_method("random")

@@ -3,46 +3,37 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
-from PIL import Image
-from tqdm.auto import tqdm
-
-from m2ib.attributor import concat_attributions, get_method
-from m2ib.errors import InputError
-from m2ib.io import load_image
-from m2ib.types import Attribution
+from m2ib.core.attributor import METHODS, attribute_in_batches
+from m2ib.core.errors import InputError
+from m2ib.core.images import as_pil
+from m2ib.core.records import Attribution, Sample
 
 
 def explain(adapter, images: Sequence, captions: Sequence[str], method: str = "m2ib", *,
-            seed: int = 0, pair_seeds: Optional[Sequence[int]] = None, batch_size: int = 8,
+            ids: Optional[Sequence[str]] = None, seed: int = 0, batch_size: int = 8,
             progress: bool = False, **hparams) -> Attribution:
     """Attribute each (image, caption) pair's similarity to image regions and caption tokens.
 
-    images: PIL images or paths. Pair i uses seed pair_seeds[i] (default seed + i), so results do not
-    depend on batch_size. hparams go to the method (for M2IB: layer, beta, var, steps, copies, lr,
-    init_alpha, optionally image_/text_ prefixed, mode='release'|'normalized', amp).
+    images: file paths, PIL images, numpy arrays or tensors. ids: one id per pair (default "0", "1",
+    ...); pair i's seed is m2ib.core.seeds.pair_seed(ids[i], seed), the rule the pipeline uses with
+    the data set's sample ids, so the same pair, id, seed and hyperparameters give the same map here
+    and in a `make`/Hydra run, whatever the batch size. hparams go to the method (for M2IB: layer,
+    beta, var, steps, copies, lr, init_alpha, optionally image_/text_ prefixed, mode, amp; layers and
+    betas default to the model's own settings).
     Returns one Attribution with image maps (B, H, W) in the preprocessed frame and token scores (B, T).
     """
+    if isinstance(images, (str, bytes)) or isinstance(captions, str):
+        raise InputError("images and captions must be sequences (lists), one entry per pair")
     images, captions = list(images), list(captions)
     if len(images) != len(captions):
         raise InputError(f"{len(images)} images but {len(captions)} captions")
     if not images:
         raise InputError("no image-caption pairs given")
-    seeds = list(pair_seeds) if pair_seeds is not None else [seed + i for i in range(len(images))]
-    if len(seeds) != len(images):
-        raise InputError(f"{len(seeds)} pair_seeds for {len(images)} pairs")
-    pil = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
-    attributor = get_method(method, adapter, **hparams)
-    parts = []
-    for start in tqdm(range(0, len(pil), batch_size), disable=not progress, desc=method, unit="batch"):
-        stop = start + batch_size
-        try:
-            pixels = adapter.preprocess(pil[start:stop])
-            text = adapter.tokenize(captions[start:stop])
-            part = attributor.attribute(pixels, text, seeds[start:stop])
-        except InputError as exc:
-            raise InputError(f"pairs {start}..{min(stop, len(pil)) - 1} (numbers in the message count from "
-                             f"{start}): {exc}") from exc
-        part.meta["truncated"] = text.truncated
-        parts.append(part)
-    return concat_attributions(parts) if len(parts) > 1 else parts[0]
+    ids = [str(i) for i in range(len(images))] if ids is None else [str(i) for i in ids]
+    if len(ids) != len(images) or len(set(ids)) != len(ids):
+        raise InputError(f"ids must be {len(images)} distinct values, one per pair; got {len(ids)} "
+                         f"({len(set(ids))} distinct)")
+    samples = [Sample(id=i, image=as_pil(im, f"image {n}"), caption=c)
+               for n, (i, im, c) in enumerate(zip(ids, images, captions))]
+    attributor = METHODS.get(method)(adapter, **hparams)
+    return attribute_in_batches(attributor, samples, seed=seed, batch_size=batch_size, progress=progress)

@@ -1,18 +1,14 @@
-"""Metrics for attribution maps on CLIP-like models, one module per family.
+"""Metrics for attribution maps on CLIP-like models, one module per family: localisation (IoU of
+zero-shot detection, pointing game, IBA box ratio, text ratio/AP), confidence (drop / increase), roar
+(ROAR+ remove-and-retrain), sanity (cascading randomisation).
 
-localisation (IoU of zero-shot detection, pointing game, IBA box ratio, text ratio/AP), confidence
-(drop / increase), roar (ROAR+ remove-and-retrain), sanity (cascading randomisation). Each takes
-Attributions (or an attribution callable, see metrics.attribute) plus the adapter and Samples, talks
-to the model only through the ModelAdapter interface, and returns per-sample rows as a DataFrame
-with a `sample_id` column; the summarise_* helpers give per-method means.
+Each module registers its metric with @register_metric (m2ib.core.metric): one function
+score(attribution, adapter, samples, context, **params) -> per-sample rows, its value columns and how
+they are tabulated. Importing this package imports every module in it, so a new metric is one module
+here plus one conf/metric/*.yaml. Metrics talk to the model only through the ModelAdapter interface.
 """
-from m2ib.attributor import pair_seed
-from metrics.attribute import AttributeFn, attribute_with, resolve
-from metrics.confidence import confidence_scores, summarise_confidence
-from metrics.localisation import THRESHOLDS, image_localisation, summarise, text_localisation
-from metrics.roar import RoarConfig, roar_plus, summarise_roar
-from metrics.sanity import cascading_randomisation, plot_sanity_curve, sanity_table
+import importlib
+import pkgutil
 
-__all__ = ["AttributeFn", "attribute_with", "pair_seed", "resolve", "confidence_scores", "summarise_confidence",
-           "THRESHOLDS", "image_localisation", "summarise", "text_localisation", "RoarConfig", "roar_plus",
-           "summarise_roar", "cascading_randomisation", "plot_sanity_curve", "sanity_table"]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

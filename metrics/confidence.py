@@ -18,6 +18,7 @@ by M2IB and by the NIB re-run, Zhu et al. ICLR 2025):
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional, Sequence
 
 import numpy as np
@@ -25,22 +26,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from m2ib.errors import InputError
+from m2ib.core.attributor import MODALITIES
+from m2ib.core.errors import InputError
+from m2ib.core.maps import normalise_minmax
+from m2ib.core.metric import MetricContext, register_metric
+from m2ib.core.records import Attribution, Sample, TextBatch
 from m2ib.models.base import ModelAdapter
-from m2ib.types import Attribution, Sample, TextBatch
 from metrics.inputs import aligned_text_scores, image_maps, sample_ids, text_scores
 
-MODALITIES = ("image", "text")
-
-
-def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Per-sample min-max to [0, 1]; a constant map (no ranking) becomes all ones."""
-    flat = maps.reshape(maps.shape[0], -1)
-    lo, hi = flat.min(1).values, flat.max(1).values
-    span = (hi - lo)
-    out = (flat - lo[:, None]) / torch.where(span > 0, span, torch.ones_like(span))[:, None]
-    out = torch.where((span > 0)[:, None], out, torch.ones_like(out))
-    return out.reshape(maps.shape)
+log = logging.getLogger(__name__)
 
 
 def mask_pixels(pixels: torch.Tensor, maps: torch.Tensor, normalise: Optional[str] = "minmax",
@@ -48,7 +42,7 @@ def mask_pixels(pixels: torch.Tensor, maps: torch.Tensor, normalise: Optional[st
     """pixels (B, 3, H, W) times maps (B, H, W); see the module docstring for the two switches."""
     maps = maps.to(device=pixels.device, dtype=pixels.dtype)
     if normalise == "minmax":
-        maps = normalise_maps(maps)
+        maps = normalise_minmax(maps)
     elif normalise is not None:
         raise InputError(f"unknown map normalisation {normalise!r}; use 'minmax' or None")
     if release_compat:
@@ -60,16 +54,14 @@ def blank_low_tokens(text: TextBatch, scores: torch.Tensor, quantile: float, bla
     """Replace word tokens scored strictly below the row's `quantile` of word scores by the blank id."""
     if not 0.0 <= quantile <= 1.0:
         raise InputError(f"text quantile must be in [0, 1], got {quantile}")
-    ids = text.ids.clone()
+    drop = torch.zeros_like(text.word_mask, dtype=torch.bool)
     mask = text.word_mask.bool()
-    scores = scores.to(ids.device)
-    for i in range(ids.shape[0]):
+    scores = scores.to(drop.device)
+    for i in range(drop.shape[0]):
         words = mask[i].nonzero().flatten()
         values = scores[i, words].double().cpu().numpy()
-        cut = np.quantile(values, quantile)
-        drop = words[torch.as_tensor(values < cut, device=ids.device)]
-        ids[i, drop] = int(blank_token_id)
-    return TextBatch(ids, text.eot, text.tokens, text.word_mask, text.truncated, text.captions)
+        drop[i, words[torch.as_tensor(values < np.quantile(values, quantile), device=drop.device)]] = True
+    return text.with_blanks(drop, blank_token_id)
 
 
 def confidence_scores(attribution: Attribution, adapter: ModelAdapter, samples: Sequence[Sample],
@@ -95,14 +87,13 @@ def confidence_scores(attribution: Attribution, adapter: ModelAdapter, samples: 
             chunk = samples[start:start + batch_size]
             pixels = adapter.preprocess([s.image for s in chunk])
             text = adapter.tokenize([s.caption for s in chunk])
-            img, txt = adapter.encode_image(pixels), adapter.encode_text(text)
-            s_all.append((img * txt).sum(-1))
+            s_all.append(adapter.similarity(pixels, text))
             if modality == "image":
                 masked = mask_pixels(pixels, maps[start:start + len(chunk)], normalise, release_compat)
-                s_masked.append((adapter.encode_image(masked) * txt).sum(-1))
+                s_masked.append(adapter.similarity(masked, text))
             else:
                 aligned = aligned_text_scores(attribution, text, ids, start, scores)
-                s_masked.append((img * adapter.encode_text(blank_low_tokens(text, aligned, quantile, blank))).sum(-1))
+                s_masked.append(adapter.similarity(pixels, blank_low_tokens(text, aligned, quantile, blank)))
     s = torch.cat(s_all).double().cpu().numpy()
     s2 = torch.cat(s_masked).double().cpu().numpy()
     gap = np.maximum(0.0, s - s2)
@@ -113,11 +104,20 @@ def confidence_scores(attribution: Attribution, adapter: ModelAdapter, samples: 
                          "relative_drop": relative, "increase": (s2 > s).astype(int)})
 
 
-def summarise_confidence(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per method and modality: mean drop, mean relative drop (over pairs with s > 0), % increase."""
-    if rows.empty:
-        raise InputError("no rows to summarise")
-    g = rows.groupby(["method", "modality"], sort=True)
-    out = pd.DataFrame({"drop": g["drop"].mean(), "relative_drop": g["relative_drop"].mean(),
-                        "increase": g["increase"].mean() * 100.0, "n": g.size()})
-    return out.reset_index()
+@register_metric("confidence", columns=("drop", "relative_drop", "increase"))
+def confidence(attribution: Attribution, adapter: ModelAdapter, samples: Sequence[Sample], context: MetricContext,
+               modalities: list = ("image", "text"), quantile: float = 0.5, normalise: str = "minmax",
+               release_compat: bool = False, batch_size: int = 32) -> pd.DataFrame:
+    """confidence_scores for each explained modality; `increase` as 0/100 per pair, so its mean is the
+    percentage of pairs whose confidence rose."""
+    frames = []
+    for modality in modalities:
+        if getattr(attribution, modality) is None:
+            log.warning("%s explains no %s: no %s confidence rows", attribution.method, modality, modality)
+            continue
+        rows = confidence_scores(attribution, adapter, samples, modality=modality, batch_size=batch_size,
+                                 normalise=normalise, release_compat=release_compat, quantile=quantile,
+                                 progress=context.progress)
+        rows["increase"] = rows["increase"] * 100.0
+        frames.append(rows)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -9,10 +9,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from m2ib.errors import InputError
-from m2ib.geometry import boxes_to_mask
+from m2ib.core.errors import InputError
+from m2ib.core.geometry import boxes_to_mask
+from m2ib.core.records import Attribution, Sample, TextBatch
 from m2ib.models.base import ModelAdapter
-from m2ib.types import Attribution, Sample, TextBatch
 
 
 def sample_ids(samples: Sequence[Sample]) -> list[str]:

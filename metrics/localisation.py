@@ -33,10 +33,16 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from m2ib.errors import InputError
+import logging
+
+from m2ib.core.errors import InputError
+from m2ib.core.maps import normalise_minmax_array
+from m2ib.core.metric import MetricContext, register_metric
+from m2ib.core.records import Attribution, Sample
 from m2ib.models.base import ModelAdapter
-from m2ib.types import Attribution, Sample
 from metrics.inputs import box_mask, image_maps, sample_ids, text_scores
+
+log = logging.getLogger(__name__)
 
 THRESHOLDS = ("topk", "otsu", "fraction")
 
@@ -57,8 +63,7 @@ def threshold_region(values: np.ndarray, rule: str = "topk", k: int | None = Non
         if k is None:
             raise InputError("threshold 'topk' needs k (the true box area)")
         return top_k_region(values, k)
-    lo, hi = float(values.min()), float(values.max())
-    if hi == lo:            # constant map: no ranking, every pixel is as likely as any other
+    if values.min() == values.max():   # constant map: no ranking, every pixel is as likely as any other
         return np.ones(values.shape, dtype=bool)
     if rule == "otsu":
         from skimage.filters import threshold_otsu
@@ -66,7 +71,7 @@ def threshold_region(values: np.ndarray, rule: str = "topk", k: int | None = Non
     if rule == "fraction":
         if not 0.0 <= fraction <= 1.0:
             raise InputError(f"threshold fraction must be in [0, 1], got {fraction}")
-        return (values - lo) / (hi - lo) >= fraction
+        return normalise_minmax_array(values) >= fraction
     raise InputError(f"unknown threshold rule {rule!r}; choose one of {THRESHOLDS}")
 
 
@@ -174,16 +179,24 @@ def text_localisation(attribution: Attribution, samples: Sequence[Sample]) -> pd
     return pd.DataFrame(rows)
 
 
-def summarise(rows: pd.DataFrame, by: Sequence[str] = ("method",)) -> pd.DataFrame:
-    """Mean of every numeric column per group (e.g. the mean IoU per method), with the sample count."""
-    if rows.empty:
-        raise InputError("no rows to summarise")
-    by = [b for b in by if b in rows.columns]
-    numeric = [c for c in rows.columns if c not in by and pd.api.types.is_numeric_dtype(rows[c])]
-    out = rows.groupby(by, sort=True)[numeric].mean()
-    out["n"] = rows.groupby(by, sort=True).size()
-    return out.reset_index()
+@register_metric("localisation", columns=("iou", "pointing_game", "bbox_ratio", "text_ratio", "text_ap"))
+def localisation(attribution: Attribution, adapter: ModelAdapter, samples: Sequence[Sample], context: MetricContext,
+                 threshold: str = "topk", fraction: float = 0.5) -> pd.DataFrame:
+    """Image localisation where every sample has boxes, text localisation where every sample has target
+    words (a warning says which part is skipped and why)."""
+    frames = []
+    if attribution.image is not None and all(len(s.boxes) for s in samples):
+        rows = image_localisation(attribution, adapter, samples, threshold=threshold, fraction=fraction,
+                                  progress=context.progress)
+        frames.append(rows.assign(modality="image"))
+    else:
+        log.warning("%s: no image localisation (no image map, or samples without boxes)", attribution.method)
+    if attribution.text is not None and all(s.target_words for s in samples):
+        frames.append(text_localisation(attribution, samples).assign(modality="text"))
+    else:
+        log.warning("%s: no text localisation (no token scores, or no token ground truth)", attribution.method)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 __all__ = ["THRESHOLDS", "image_localisation", "text_localisation", "threshold_region", "iou", "pointing_game",
-           "top_n_ratio", "average_precision", "target_token_mask", "summarise"]
+           "top_n_ratio", "average_precision", "target_token_mask", "localisation"]

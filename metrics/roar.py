@@ -11,9 +11,8 @@ reports this "ROAR+" for image and text. Protocol here, per explained modality:
    percentile of word scores -> the blank token. The other modality stays clean.
 3. A copy of the model (adapter.copy()) is fine-tuned contrastively (symmetric InfoNCE with a fixed
    `temperature`, AdamW, constant lr, batches shuffled by (seed, epoch)) on the degraded fine-tune
-   part. This module is the ONLY place that sets requires_grad on an adapter's `.model`
-   parameters, and only on that copy; the model stays in eval mode (no dropout), so CPU runs are
-   bit-for-bit repeatable.
+   part through adapter.trainable_copy() (the original adapter stays frozen; the copy stays in eval
+   mode, no dropout), so CPU runs are bit-for-bit repeatable.
 4. On the degraded evaluation part: `similarity` = mean matched-pair cosine similarity, and
    retrieval R@1 in both directions among the evaluation pairs (a hit only when the matched pair
    scores strictly higher than every other candidate; ties are misses). Lower is better: the
@@ -36,10 +35,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from m2ib.errors import InputError, UnsupportedError
-from m2ib.models.base import MODALITIES, ModelAdapter
-from m2ib.types import Attribution, Sample, TextBatch
-from metrics.attribute import resolve
+from m2ib.core.attributor import MODALITIES, attribute_with, resolve
+from m2ib.core.errors import InputError
+from m2ib.core.metric import MetricContext, register_metric
+from m2ib.core.records import Attribution, Sample, TextBatch
+from m2ib.models.base import ModelAdapter
 from metrics.inputs import aligned_text_scores, image_maps, sample_ids, text_scores
 
 
@@ -85,25 +85,14 @@ def degrade_images(pixels: torch.Tensor, maps: torch.Tensor, percentile: float, 
 
 def degrade_text(text: TextBatch, scores: torch.Tensor, percentile: float, blank_token_id: int) -> TextBatch:
     """Word tokens scored strictly above the row's percentile of word scores -> the blank token."""
-    ids = text.ids.clone()
+    drop = torch.zeros_like(text.word_mask, dtype=torch.bool)
     mask = text.word_mask.bool()
-    scores = scores.to(ids.device, torch.float64)
-    for i in range(ids.shape[0]):
+    scores = scores.to(drop.device, torch.float64)
+    for i in range(drop.shape[0]):
         words = mask[i].nonzero().flatten()
         values = scores[i, words]
-        cut = torch.quantile(values, percentile / 100.0)
-        ids[i, words[values > cut]] = int(blank_token_id)
-    return TextBatch(ids, text.eot, text.tokens, text.word_mask, text.truncated, text.captions)
-
-
-def random_attribution(adapter: ModelAdapter, samples: Sequence[Sample], seed: int = 0) -> Attribution:
-    """Uniform random maps (pixels and word tokens) from a CPU generator: the ROAR reference."""
-    gen = torch.Generator().manual_seed(int(seed))
-    text = adapter.tokenize([s.caption for s in samples])
-    h, w = adapter.image_size
-    image = torch.rand((len(samples), h, w), generator=gen)
-    scores = torch.rand(tuple(text.ids.shape), generator=gen) * text.word_mask.cpu()
-    return Attribution("random", image, scores, text.tokens, text.word_mask.cpu())
+        drop[i, words[values > torch.quantile(values, percentile / 100.0)]] = True
+    return text.with_blanks(drop, blank_token_id)
 
 
 def _encode_batches(adapter: ModelAdapter, pixels: torch.Tensor, text: TextBatch, batch_size: int):
@@ -129,25 +118,15 @@ def evaluate_pairs(adapter: ModelAdapter, pixels: torch.Tensor, text: TextBatch,
 
 
 # ---- training -----------------------------------------------------------------------------------------
-def _trainable_copy(adapter: ModelAdapter) -> ModelAdapter:
-    model = adapter.copy()
-    if not isinstance(getattr(model, "model", None), torch.nn.Module):
-        raise UnsupportedError(f"ROAR+ fine-tunes adapter.model, which {type(adapter).__name__} does not expose")
-    for p in model.model.parameters():
-        p.requires_grad_(True)
-    return model
-
-
 def finetune(adapter: ModelAdapter, pixels: torch.Tensor, text: TextBatch, cfg: RoarConfig,
              checkpoint: Optional[Path] = None, tag: str = "", progress: bool = True) -> ModelAdapter:
     """A fine-tuned copy of `adapter` (symmetric InfoNCE, fixed temperature); resumes from `checkpoint`."""
-    model = _trainable_copy(adapter)
-    params = [p for p in model.model.parameters() if p.requires_grad]
+    model, params = adapter.trainable_copy()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     first = 0
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location=model.device, weights_only=False)
-        model.model.load_state_dict(state["model"])
+        model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         first = int(state["epoch"])
         if first > cfg.epochs:
@@ -175,7 +154,7 @@ def finetune(adapter: ModelAdapter, pixels: torch.Tensor, text: TextBatch, cfg: 
         if checkpoint is not None:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             tmp = checkpoint.with_suffix(".tmp")
-            torch.save({"epoch": epoch + 1, "model": model.model.state_dict(), "optimizer": opt.state_dict()}, tmp)
+            torch.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict()}, tmp)
             tmp.replace(checkpoint)
     bar.close()
     for p in params:
@@ -209,7 +188,7 @@ def roar_plus(adapter: ModelAdapter, samples: Sequence[Sample],
               random_baseline: bool = True, checkpoint_dir=None, progress: bool = True) -> pd.DataFrame:
     """Rows per evaluation sample, method and modality: similarity_before, similarity, r1_image_to_text,
     r1_text_to_image (0/1), plus the split sizes. `methods`: one attribute function / factory / name,
-    or a {name: ...} mapping of them (see metrics.attribute.resolve)."""
+    or a {name: ...} mapping of them (see m2ib.core.attributor.resolve)."""
     cfg = (config or RoarConfig()).check()
     samples = list(samples)
     ids = sample_ids(samples)
@@ -220,7 +199,7 @@ def roar_plus(adapter: ModelAdapter, samples: Sequence[Sample],
     if random_baseline:
         if "random" in fns:
             raise InputError("a method is named 'random', which clashes with ROAR+'s random-map reference")
-        fns["random"] = lambda a, s: random_attribution(a, s, cfg.seed)
+        fns["random"] = attribute_with("random", seed=cfg.seed)   # the registered random control
     ft_idx, ev_idx = split_indices(len(samples), cfg.finetune_fraction, cfg.seed)
     chunks = [adapter.preprocess([s.image for s in samples[i:i + 64]]) for i in range(0, len(samples), 64)]
     pixels = torch.cat(chunks)
@@ -263,12 +242,25 @@ def roar_plus(adapter: ModelAdapter, samples: Sequence[Sample],
     return pd.DataFrame(rows)
 
 
-def summarise_roar(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per method and modality: mean similarity before/after fine-tuning and R@1 (%) both ways."""
-    if rows.empty:
-        raise InputError("no ROAR+ rows to summarise")
-    g = rows.groupby(["method", "modality"], sort=True)
-    out = pd.DataFrame({"similarity_before": g.similarity_before.mean(), "similarity": g.similarity.mean(),
-                        "r1_image_to_text": g.r1_image_to_text.mean() * 100,
-                        "r1_text_to_image": g.r1_text_to_image.mean() * 100, "n_eval": g.size()})
-    return out.reset_index()
+@register_metric("roar", columns=("roar_similarity_before", "roar_similarity", "roar_r1_image_to_text",
+                                  "roar_r1_text_to_image"), whole_dataset=True)
+def roar(attribution: Attribution, adapter: ModelAdapter, samples: Sequence[Sample], context: MetricContext,
+         modalities: list = ("image", "text"), percentile: float = 75.0, finetune_fraction: float = 0.8,
+         epochs: int = 3, lr: float = 1e-5, weight_decay: float = 0.0, batch_size: int = 32,
+         temperature: float = 0.07, seed: int = 0) -> pd.DataFrame:
+    """ROAR+ of one method's maps (the random control is the registered `random` method, run as any
+    other method of the table); R@1 as 0/100 per pair so its mean is a percentage. Fine-tunes are
+    checkpointed under context.work_dir/roar/<the exact maps' cache key>, so a run resumes."""
+    modalities = [m for m in modalities if getattr(attribution, m) is not None]
+    work = None
+    if context.work_dir is not None:   # one folder per exact set of maps: other hyperparameters never reuse it
+        work = Path(context.work_dir) / "roar" / attribution.meta.get("cache_key", attribution.method)
+    config = RoarConfig(percentile, finetune_fraction, epochs, lr, weight_decay, batch_size, temperature, seed)
+    rows = roar_plus(adapter, samples, {attribution.method: lambda _adapter, _samples: attribution},
+                     modalities=modalities, config=config, random_baseline=False, checkpoint_dir=work,
+                     progress=context.progress)
+    rows = rows.rename(columns={"similarity_before": "roar_similarity_before", "similarity": "roar_similarity",
+                                "r1_image_to_text": "roar_r1_image_to_text", "r1_text_to_image": "roar_r1_text_to_image"})
+    for col in ("roar_r1_image_to_text", "roar_r1_text_to_image"):
+        rows[col] = rows[col] * 100.0
+    return rows.drop(columns=["n_finetune", "n_eval"])

@@ -6,7 +6,7 @@ randomised cumulatively in adapter.randomization_order(encoder) (projection firs
 ... down to the input embeddings). After each step the method is re-run and each of its maps is
 compared with the original model's map of the same pair:
 - image maps: SSIM (skimage.metrics.structural_similarity, data_range 1, 7x7 window, on per-sample
-  min-max normalised maps; a constant map normalises to zeros) and Spearman rank correlation of the pixels;
+  min-max normalised maps, m2ib.core.maps) and Spearman rank correlation of the pixels;
 - text maps: Spearman rank correlation over the word tokens (SSIM is an image measure: NaN).
 Spearman is NaN where either map is constant (undefined). `absolute=True` compares |map| as
 Adebayo et al. also do. A map independent of the weights (e.g. an edge detector) scores 1 at every
@@ -29,10 +29,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from m2ib.errors import InputError
-from m2ib.models.base import MODALITIES, ModelAdapter
-from m2ib.types import Attribution, Sample
-from metrics.attribute import resolve
+from m2ib.core.attributor import MODALITIES, resolve
+from m2ib.core.errors import InputError
+from m2ib.core.maps import normalise_minmax_array
+from m2ib.core.metric import MetricContext, register_metric
+from m2ib.core.records import Attribution, Sample
+from m2ib.models.base import ModelAdapter
 from metrics.inputs import image_maps, sample_ids, text_scores
 
 
@@ -50,11 +52,6 @@ def randomise_parameters(params: Sequence[torch.nn.Parameter], generator: torch.
 
 def _seed(seed: int, encoder: str, step: int) -> int:
     return zlib.crc32(f"{int(seed)}:{encoder}:{step}".encode()) & 0x7FFFFFFF
-
-
-def _minmax(x: np.ndarray) -> np.ndarray:
-    span = x.max() - x.min()
-    return (x - x.min()) / span if span > 0 else np.zeros_like(x)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -76,7 +73,7 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     win -= 1 - win % 2
     if win < 3:
         raise InputError(f"maps of shape {a.shape} are too small for SSIM")
-    return float(structural_similarity(_minmax(a), _minmax(b), data_range=1.0, win_size=win))
+    return float(structural_similarity(normalise_minmax_array(a), normalise_minmax_array(b), data_range=1.0, win_size=win))
 
 
 def _maps(attribution: Attribution, samples, adapter) -> dict[str, tuple]:
@@ -118,11 +115,13 @@ def compare_maps(original: Attribution, randomised: Attribution, samples: Sequen
 
 def cascading_randomisation(adapter: ModelAdapter, samples: Sequence[Sample], attribute,
                             encoders: Sequence[str] = MODALITIES, seed: int = 0, absolute: bool = False,
-                            method: Optional[str] = None, progress: bool = True) -> pd.DataFrame:
+                            method: Optional[str] = None, progress: bool = True,
+                            original: Optional[Attribution] = None) -> pd.DataFrame:
     """Rows: sample_id, method, encoder (randomised), step (1 = projection), group, map_modality, ssim, spearman.
 
     attribute: attribute(adapter, samples) -> Attribution, or a factory adapter -> Attributor, or a
-    method name (see metrics.attribute.resolve). `adapter` itself is never modified (copies are).
+    method name (see m2ib.core.attributor.resolve). `adapter` itself is never modified (copies are).
+    original: the method's attribution on the unmodified model, if already computed.
     """
     samples = list(samples)
     sample_ids(samples)
@@ -130,7 +129,8 @@ def cascading_randomisation(adapter: ModelAdapter, samples: Sequence[Sample], at
         if e not in MODALITIES:
             raise InputError(f"encoder must be one of {MODALITIES}, got {e!r}")
     fn = resolve(attribute)
-    original = fn(adapter, samples)
+    if original is None:
+        original = fn(adapter, samples)
     name = method or original.method
     rows = []
     for encoder in encoders:
@@ -163,7 +163,7 @@ def sanity_table(rows: pd.DataFrame, value: str = "spearman") -> pd.DataFrame:
 
 def plot_sanity_curve(rows: pd.DataFrame, path, value: str = "spearman") -> Path:
     """One panel per (encoder, map): mean `value` per method against the cascade step; writes a PNG."""
-    from m2ib.figures import save_figure     # first: it selects the Agg backend
+    from m2ib.core.figures import save_figure     # first: it selects the Agg backend
     import matplotlib.pyplot as plt
 
     if rows.empty:
@@ -186,3 +186,30 @@ def plot_sanity_curve(rows: pd.DataFrame, path, value: str = "spearman") -> Path
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path, dpi=120)
+
+
+def write_sanity_tables(rows: pd.DataFrame, out_dir: Path, stem: str) -> dict:
+    """<stem>.sanity.rows.csv, and per value (spearman, ssim) a table (.csv, .md) and a curve (.png)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"sanity_rows": out / f"{stem}.sanity.rows.csv"}
+    rows.to_csv(paths["sanity_rows"], index=False, float_format="%.6g")
+    for value in ("spearman", "ssim"):
+        table = sanity_table(rows, value)
+        paths[f"sanity_{value}"] = out / f"{stem}.sanity-{value}.csv"
+        table.to_csv(paths[f"sanity_{value}"], float_format="%.4g")
+        (out / f"{stem}.sanity-{value}.md").write_text(table.round(3).to_string() + "\n")
+        paths[f"sanity_{value}_curve"] = plot_sanity_curve(rows, out / f"{stem}.sanity-{value}.png", value)
+    return paths
+
+
+@register_metric("sanity", columns=("ssim", "spearman"), table=write_sanity_tables, whole_dataset=True)
+def sanity(attribution: Attribution, adapter: ModelAdapter, samples: Sequence[Sample], context: MetricContext,
+           encoders: list = ("image", "text"), absolute: bool = False) -> pd.DataFrame:
+    """Cascading randomisation of the method that produced `attribution` (context.attribute re-runs it
+    on each randomised copy; its maps there are not cached)."""
+    if context.attribute is None:
+        raise InputError("the sanity check needs the method itself (MetricContext.attribute) to re-run it")
+    return cascading_randomisation(adapter, samples, context.attribute, encoders=list(encoders), seed=context.seed,
+                                   absolute=absolute, method=attribution.method, progress=context.progress,
+                                   original=attribution)

@@ -12,19 +12,15 @@ says which. M2IB (method 'm2ib') is timed in the same run when m2ib.method is im
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
 from PIL import Image
 
 import baselines
-from m2ib.attributor import available_methods, get_method
-from m2ib.errors import DataUnavailableError, ModelUnavailableError, UnsupportedError
+from m2ib.core.attributor import available_methods, get_method
+from m2ib.core.errors import DataUnavailableError, ModelUnavailableError, UnsupportedError
 
 CAPTIONS = ["a photo of a red circle next to a small blue square",
             "two green triangles on a white background",
@@ -36,7 +32,8 @@ def load(model: str, pairs: int, device: str):
     """(adapter, pixels, text, description)."""
     if model == "embedded":
         try:
-            from m2ib.data.embedded import load_embedded_adapter, load_embedded_split
+            from m2ib.data.embedded import load_embedded_split
+            from m2ib.models.embedded import load_embedded_adapter
             adapter = load_embedded_adapter(device=device)
             samples = load_embedded_split("test", limit=pairs, progress=False)
             return (adapter, adapter.preprocess([s.image for s in samples]),
@@ -44,7 +41,7 @@ def load(model: str, pairs: int, device: str):
         except (ImportError, ModelUnavailableError, DataUnavailableError) as exc:
             print(f"embedded model unavailable ({exc}); falling back to the tiny random model")
             model = "m2ib-tiny-vit"
-    from m2ib.models.registry import load_adapter
+    from m2ib.models.sources import load_adapter
     name = "m2ib-tiny-vit" if model == "tiny" else model
     adapter = load_adapter(name, pretrained=None, device=device, seed=0)
     rng = np.random.default_rng(0)

@@ -10,21 +10,17 @@ path's achieved GFLOP/s as a fraction of a plain matmul's GFLOP/s on the same de
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from m2ib.bottleneck import M2IBConfig
-from m2ib.method import M2IBAttributor
-from m2ib.models.registry import load_adapter
-from m2ib.reference import reference_pair
+from m2ib.method.bottleneck import M2IBConfig
+from m2ib.method.attributor import M2IBAttributor
+from m2ib.models.sources import load_adapter
+from m2ib.method.reference import reference_pair
 
 CAPTIONS = ["a photo of a dog playing with a red ball on the grass",
             "two people riding bicycles along a river at sunset",

@@ -9,16 +9,17 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from m2ib.core.figures import save_figure  # noqa: I001  (first: it selects the Agg backend)
 
-from m2ib.figures import save_figure  # noqa: E402  (first: it selects the Agg backend)
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import yaml
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
+from m2ib.core.metric import METRICS as _REGISTRY
 
-METRICS = ["drop", "increase", "iou", "pointing_game", "bbox_ratio", "text_ratio", "text_ap"]
+#: Every per-pair value column of every registered metric (own-table metrics such as sanity excluded).
+METRICS = [c for name in _REGISTRY.names() if _REGISTRY.get(name).table is None for c in _REGISTRY.get(name).columns]
 
 
 def collect(sweep_dir: Path) -> tuple[pd.DataFrame, list[str]]:

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from m2ib.data import embedded  # noqa: E402
-from m2ib.data.embedded_quality import masking_effect, retrieval_at_1  # noqa: E402
+from m2ib.data import embedded
+from m2ib.models import embedded as model_assets
+from m2ib.data.embedded_quality import masking_effect, retrieval_at_1
 
 
 def main(argv=None) -> int:
@@ -24,15 +21,15 @@ def main(argv=None) -> int:
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)   # deterministic; faster than 2 on a busy 2-core machine
-    adapter = embedded.load_embedded_adapter()
+    adapter = model_assets.load_embedded_adapter()
     test = embedded.load_embedded_split("test", limit=args.n)
     quality = {"retrieval": retrieval_at_1(adapter, test, n_candidates=args.candidates, seed=0),
                "masking": masking_effect(adapter, test, seed=0),
-               "checkpoint_sha256": embedded.verify_checkpoint(),
+               "checkpoint_sha256": model_assets.verify_checkpoint(),
                "command": f"python scripts/embedded_quality_report.py --n {args.n} --candidates {args.candidates}"}
     print(json.dumps(quality, indent=2))
     if args.write:
-        (embedded.ASSET_DIR / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
+        (model_assets.ASSET_DIR / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
     return 0
 
 

@@ -7,14 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from m2ib.data import embedded  # noqa: E402
-from m2ib.data.generator import GENERATOR_VERSION, IMAGE_SIZE  # noqa: E402
+from m2ib.data import embedded
+from m2ib.data.generator import GENERATOR_VERSION, IMAGE_SIZE
 
 
 def main(argv=None) -> int:

@@ -12,13 +12,11 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from m2ib.pipeline.experiment import GROUP_BY  # noqa: E402
-from m2ib.pipeline.scoring import VALUE_COLUMNS  # noqa: E402
-from m2ib.pipeline.tables import aggregate, write_table  # noqa: E402
+from m2ib.pipeline.experiment import GROUP_BY
+from m2ib.core.metric import METRICS
+from m2ib.pipeline.tables import aggregate, write_table
 
 
 def main(argv=None) -> int:
@@ -37,7 +35,8 @@ def main(argv=None) -> int:
         print(f"error: incomplete or mixed shards: {sorted(found)}", file=sys.stderr)
         return 2
     rows = pd.concat([pd.read_csv(s) for s in shards], ignore_index=True)
-    values = [c for cols in VALUE_COLUMNS.values() for c in cols if c in rows.columns]
+    values = [c for name in METRICS.names() if METRICS.get(name).table is None
+              for c in METRICS.get(name).columns if c in rows.columns]
     table = aggregate(rows, GROUP_BY, values, seed=args.seed)
     metas = [json.loads(s.with_name(s.name.replace(".rows.csv", ".meta.json")).read_text()) for s in shards]
     meta = {"merged_from": [str(s) for s in shards], "n_samples": int(rows["sample_id"].nunique()),

@@ -17,20 +17,18 @@ import argparse
 import hashlib
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from m2ib.data import embedded  # noqa: E402
-from m2ib.data.embedded_quality import masking_effect, retrieval_at_1  # noqa: E402
-from m2ib.data.generator import COLOURS, SHAPES, SIZES  # noqa: E402
+from m2ib.data import embedded
+from m2ib.models import embedded as model_assets
+from m2ib.data.embedded_quality import masking_effect, retrieval_at_1
+from m2ib.data.generator import COLOURS, SHAPES, SIZES
 
 CLASSES = [(c, s, z) for c in COLOURS for s in SHAPES for z in SIZES]
 
@@ -88,20 +86,20 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup-steps", type=int, default=1000)
     ap.add_argument("--lit-steps", type=int, default=400)
     ap.add_argument("--joint-steps", type=int, default=1200)
-    ap.add_argument("--out", type=Path, default=embedded.ASSET_DIR)
+    ap.add_argument("--out", type=Path, default=model_assets.ASSET_DIR)
     ap.add_argument("--eval-n", type=int, default=500, help="test pairs used for the quality report")
     args = ap.parse_args(argv)
 
     import open_clip
-    from m2ib.models.registry import register_project_configs
+    from m2ib.models.sources import register_project_configs
 
     t_start = time.time()
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(args.seed)
     register_project_configs()
-    model, _, preprocess = open_clip.create_model_and_transforms(embedded.EMBEDDED_MODEL_NAME, pretrained=None)
-    tokenizer = open_clip.get_tokenizer(embedded.EMBEDDED_MODEL_NAME)
+    model, _, preprocess = open_clip.create_model_and_transforms(model_assets.EMBEDDED_MODEL_NAME, pretrained=None)
+    tokenizer = open_clip.get_tokenizer(model_assets.EMBEDDED_MODEL_NAME)
 
     train = embedded.load_embedded_split("train")
     val = embedded.load_embedded_split("val")
@@ -114,7 +112,7 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     log = {"args": {k: str(v) for k, v in vars(args).items()}, "phases": [], "torch": torch.__version__,
            "open_clip": open_clip.__version__, "python": platform.python_version(),
-           "data_seed": embedded.DATA_SEED, "model": embedded.EMBEDDED_MODEL_NAME}
+           "data_seed": embedded.DATA_SEED, "model": model_assets.EMBEDDED_MODEL_NAME}
 
     def batches(steps):
         order = torch.empty(0, dtype=torch.long)
@@ -150,7 +148,7 @@ def main(argv=None) -> int:
 
     def evaluate(samples):
         from m2ib.models.open_clip_vit import OpenClipViTAdapter
-        adapter = OpenClipViTAdapter(model, preprocess, tokenizer, name=embedded.EMBEDDED_MODEL_NAME)
+        adapter = OpenClipViTAdapter(model, preprocess, tokenizer, name=model_assets.EMBEDDED_MODEL_NAME)
         out = retrieval_at_1(adapter, samples, n_candidates=20, seed=0)
         for p in model.parameters():
             p.requires_grad_(True)
@@ -192,9 +190,9 @@ def main(argv=None) -> int:
 
     # save fp16 state dict in open_clip's checkpoint format
     args.out.mkdir(parents=True, exist_ok=True)
-    ckpt = args.out / f"{embedded.EMBEDDED_MODEL_NAME}.pt"
+    ckpt = args.out / f"{model_assets.EMBEDDED_MODEL_NAME}.pt"
     state = {k: v.detach().to(torch.float16) for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "name": embedded.EMBEDDED_MODEL_NAME, "data_seed": embedded.DATA_SEED}, ckpt)
+    torch.save({"state_dict": state, "name": model_assets.EMBEDDED_MODEL_NAME, "data_seed": embedded.DATA_SEED}, ckpt)
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     (args.out / f"{ckpt.name}.sha256").write_text(f"{digest}  {ckpt.name}\n")
     log["train_seconds"] = round(time.time() - t_start, 1)
@@ -204,8 +202,8 @@ def main(argv=None) -> int:
     print(f"wrote {ckpt} ({ckpt.stat().st_size / 1e6:.1f} MB, sha256 {digest})")
 
     # quality of the committed (fp16-rounded) checkpoint, loaded the way users load it
-    if args.out == embedded.ASSET_DIR:
-        adapter = embedded.load_embedded_adapter()
+    if args.out == model_assets.ASSET_DIR:
+        adapter = model_assets.load_embedded_adapter()
         test = embedded.load_embedded_split("test", limit=args.eval_n)
         quality = {"retrieval": retrieval_at_1(adapter, test, n_candidates=20, seed=0),
                    "masking": masking_effect(adapter, test, seed=0),

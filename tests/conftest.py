@@ -18,7 +18,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def tiny_adapter():
-    from m2ib.models.registry import load_adapter
+    from m2ib.models.sources import load_adapter
     return load_adapter("m2ib-tiny-vit", pretrained=None, seed=0)
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from m2ib.errors import InputError
+from m2ib.core.errors import InputError
 
 
 def test_prefix_suffix_reproduce_model_at_every_layer(tiny_adapter, pairs):

@@ -7,7 +7,7 @@ from m2ib.data.cc import load_cc
 from m2ib.data.generator import (COLOURS, IMAGE_SIZE, PLURALS, SIZE_WORDS, _safe_region, generate_pair,
                                  generate_split, pixel_sha256)
 from m2ib.data.mscxr import load_mscxr
-from m2ib.errors import InputError
+from m2ib.core.errors import InputError
 
 SEED = 7
 

@@ -11,7 +11,7 @@ from PIL import Image
 from m2ib.data.cc import load_cc
 from m2ib.data.generator import COLOURS, generate_pair
 from m2ib.data.mscxr import REQUIRED_COLUMNS, load_mscxr
-from m2ib.errors import DataUnavailableError, InputError
+from m2ib.core.errors import DataUnavailableError, InputError
 
 
 def _image(root, rel, size=(60, 40), colour=(10, 20, 30)):
@@ -142,7 +142,7 @@ def test_cc_bad_lines_name_file_and_line(tmp_path):
 
 def test_boxes_map_through_the_models_resize_and_centre_crop():
     """The mapped box lands on the target's pixels in the preprocessed image (like with like)."""
-    from m2ib.models.registry import load_adapter
+    from m2ib.models.sources import load_adapter
     adapter = load_adapter("m2ib-tiny-vit")
     mean = torch_tensor(adapter, "mean")
     std = torch_tensor(adapter, "std")

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from m2ib.download.cc import MANIFEST_COLUMNS, download_cc, main, read_manifest, read_tsv
-from m2ib.errors import DataUnavailableError, InputError
+from m2ib.core.errors import DataUnavailableError, InputError
 
 N_GOOD = 10
 

@@ -13,15 +13,16 @@ import pytest
 import torch
 
 from m2ib.data import embedded
+from m2ib.models import embedded as model_assets
 from m2ib.data.embedded_quality import masking_effect, retrieval_at_1
-from m2ib.errors import ModelUnavailableError
+from m2ib.core.errors import ModelUnavailableError
 
 N_TEST = 500
 
 
 @pytest.fixture(scope="module")
 def adapter():
-    return embedded.load_embedded_adapter()
+    return model_assets.load_embedded_adapter()
 
 
 @pytest.fixture(scope="module")
@@ -30,30 +31,30 @@ def test_pairs():
 
 
 def test_checkpoint_hash_size_and_provenance():
-    digest = hashlib.sha256(embedded.CHECKPOINT.read_bytes()).hexdigest()
-    assert embedded.CHECKPOINT_SHA256.read_text().split()[0] == digest == embedded.verify_checkpoint()
-    assert embedded.CHECKPOINT.stat().st_size <= 20e6
-    log = json.loads((embedded.ASSET_DIR / "training_log.json").read_text())
+    digest = hashlib.sha256(model_assets.CHECKPOINT.read_bytes()).hexdigest()
+    assert model_assets.CHECKPOINT_SHA256.read_text().split()[0] == digest == model_assets.verify_checkpoint()
+    assert model_assets.CHECKPOINT.stat().st_size <= 20e6
+    log = json.loads((model_assets.ASSET_DIR / "training_log.json").read_text())
     assert log["checkpoint_sha256"] == digest and log["data_seed"] == embedded.DATA_SEED
-    state = torch.load(embedded.CHECKPOINT, weights_only=True)["state_dict"]
+    state = torch.load(model_assets.CHECKPOINT, weights_only=True)["state_dict"]
     assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
 
 
 def test_corrupt_checkpoint_is_refused(tmp_path):
     bad = tmp_path / "bad.pt"
-    data = bytearray(embedded.CHECKPOINT.read_bytes())
+    data = bytearray(model_assets.CHECKPOINT.read_bytes())
     data[-100] ^= 0xFF
     bad.write_bytes(bytes(data))
     with pytest.raises(ModelUnavailableError, match="bad.pt has sha256"):
-        embedded.verify_checkpoint(bad)
+        model_assets.verify_checkpoint(bad)
     with pytest.raises(ModelUnavailableError, match="missing"):
-        embedded.verify_checkpoint(tmp_path / "absent.pt")
+        model_assets.verify_checkpoint(tmp_path / "absent.pt")
 
 
 def test_loads_through_the_open_clip_checkpoint_path(adapter):
-    assert adapter.name == embedded.EMBEDDED_MODEL_NAME
+    assert adapter.name == model_assets.EMBEDDED_MODEL_NAME
     assert adapter.image_size == (64, 64) and adapter.num_layers["image"] >= 3
-    state = torch.load(embedded.CHECKPOINT, weights_only=True)["state_dict"]
+    state = torch.load(model_assets.CHECKPOINT, weights_only=True)["state_dict"]
     w = adapter.model.state_dict()["visual.conv1.weight"]
     assert torch.equal(w, state["visual.conv1.weight"].float())
 

@@ -5,10 +5,10 @@ import torch
 from PIL import Image
 
 from m2ib.api import explain
-from m2ib.bottleneck import M2IBConfig, capacity
-from m2ib.errors import DataUnavailableError, InputError
+from m2ib.method.bottleneck import M2IBConfig, capacity
+from m2ib.core.errors import DataUnavailableError, InputError
 from m2ib.method import M2IBAttributor
-from m2ib.reference import reference_pair
+from m2ib.method.reference import reference_pair
 
 HP = dict(layer=1, steps=4, copies=3)
 
@@ -25,7 +25,7 @@ def test_capacity_formula():
 def test_fast_path_reproduces_reference_with_same_noise(tiny_adapter, pairs):
     a = tiny_adapter
     px, tb = a.preprocess(pairs[0]), a.tokenize(pairs[1])
-    cfg = M2IBConfig.from_kwargs(**HP)
+    cfg = M2IBConfig.from_kwargs(**HP).with_model_defaults(a.default_m2ib_settings())
     seeds = [11, 12, 13]
     fast = M2IBAttributor(a, cfg).attribute(px, tb, seeds)
     for i, seed in enumerate(seeds):
@@ -43,7 +43,7 @@ def test_batch_equals_one_pair_at_a_time(tiny_adapter, pairs):
     images, captions = pairs
     batched = explain(tiny_adapter, images, captions, batch_size=3, seed=5, **HP)
     for i in range(3):
-        single = explain(tiny_adapter, images[i:i + 1], captions[i:i + 1], pair_seeds=[5 + i], **HP)
+        single = explain(tiny_adapter, images[i:i + 1], captions[i:i + 1], ids=[str(i)], seed=5, **HP)
         torch.testing.assert_close(batched.meta["image_capacity"][i], single.meta["image_capacity"][0],
                                    rtol=1e-4, atol=1e-4)
         width = single.text.shape[1]
@@ -93,6 +93,9 @@ def test_beta_shrinks_capacity(tiny_adapter, pairs):
     (dict(var=0), "var"),
     (dict(mode="fast"), "mode"),
     (dict(lyer=1), "unknown M2IB hyperparameter 'lyer'"),
+    (dict(beta=float("nan")), "beta must be finite"),
+    (dict(init_alpha=float("inf")), "init_alpha must be finite"),
+    (dict(steps="10"), "steps must be an integer"),
 ])
 def test_bad_hyperparameters(tiny_adapter, pairs, kwargs, match):
     with pytest.raises(InputError, match=match):
@@ -132,6 +135,14 @@ def test_meta_is_per_pair_across_batches(tiny_adapter, pairs):
     assert att.meta["truncated"] == [False, False, False]
     assert att.meta["image_capacity"].shape[0] == 3 and att.meta["text_capacity"].shape[0] == 3
     assert att.meta["similarity"].shape == (3,)
+
+
+def test_layers_and_betas_default_to_the_model_description(tiny_adapter):
+    # m2ib-tiny-vit has 3 blocks per tower and no published settings: the rule gives layer 1, beta 0.1
+    assert tiny_adapter.default_m2ib_settings() == {"image_layer": 1, "text_layer": 1, "image_beta": 0.1,
+                                                    "text_beta": 0.1}
+    m = M2IBAttributor(tiny_adapter, text_beta=2.0)
+    assert (m.config.image.layer, m.config.text.layer, m.config.image.beta, m.config.text.beta) == (1, 1, 0.1, 2.0)
 
 
 def test_config_and_keywords_together_are_refused(tiny_adapter):

@@ -10,15 +10,13 @@ The embedded model and data come from m2ib.data.embedded; if the committed check
 this test fails with ModelUnavailableError (it is a regression test of the shipped benchmark, not
 optional).
 """
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from m2ib.attributor import get_method
-from m2ib.geometry import boxes_to_mask
+from m2ib.core.attributor import get_method
+from m2ib.core.geometry import boxes_to_mask
 
 
 N_PAIRS = 16
@@ -33,10 +31,8 @@ ATTENTION = ("raw_attention", "rollout", "chefer")
 #: written (first 16 / 64 test pairs): saliency 0.29, grad x input 0.21, IG 0.32, Grad-CAM 0.46,
 #: rollout 0.24, Chefer 0.61, raw attention 0.14 (64 pairs).
 MARGIN = {**{m: 0.15 for m in GRADIENT + ATTENTION}, "raw_attention": 0.10}
-#: M2IB with the embedded model's configured defaults (conf/model/embedded.yaml).
-M2IB_DEFAULTS = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "model"
-                                                      / "embedded.yaml")["m2ib"])
-HPARAMS = {"integrated_gradients": {"n_steps": 16}, "m2ib": M2IB_DEFAULTS}
+#: M2IB with no hyperparameters: the embedded model's own layers/betas (m2ib/models/embedded.py).
+HPARAMS = {"integrated_gradients": {"n_steps": 16}}
 #: Text-conditioned methods must move toward a distractor when the caption names it instead of the
 #: target (raw attention and rollout cannot: their image map ignores the caption).
 STEERED = ("m2ib", "saliency", "gradcam", "chefer")
@@ -44,7 +40,8 @@ STEER_MARGIN = 0.10
 
 
 def _load(n):
-    from m2ib.data.embedded import load_embedded_adapter, load_embedded_split
+    from m2ib.data.embedded import load_embedded_split
+    from m2ib.models.embedded import load_embedded_adapter
 
     adapter = load_embedded_adapter()
     samples = load_embedded_split("test", limit=n, progress=False)

@@ -4,9 +4,10 @@ import pytest
 import torch
 from PIL import Image
 
-from m2ib.errors import InputError
-from m2ib.types import Attribution, Sample
-from metrics.confidence import blank_low_tokens, confidence_scores, mask_pixels, summarise_confidence
+from m2ib.core.errors import InputError
+from m2ib.core.records import Attribution, Sample
+from m2ib.pipeline.tables import aggregate
+from metrics.confidence import blank_low_tokens, confidence_scores, mask_pixels
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +50,9 @@ def test_drop_equals_the_formula_on_a_hand_map(adapter, samples):
     np.testing.assert_allclose(rows.masked_similarity, s2, rtol=0, atol=1e-6)
     np.testing.assert_allclose(rows["drop"], np.maximum(0, s - s2) * 100, atol=1e-4)
     assert rows.increase.tolist() == (s2 > s).astype(int).tolist()
-    summary = summarise_confidence(rows).iloc[0]
+    summary = aggregate(rows, ["method", "modality"], ["drop", "increase"]).iloc[0]
     assert summary["drop"] == pytest.approx(np.mean(np.maximum(0, s - s2)) * 100, abs=1e-4)
-    assert summary["increase"] == pytest.approx(100 * np.mean(s2 > s))
+    assert summary["increase"] == pytest.approx(np.mean(s2 > s))
     rel = np.where(s > 0, np.maximum(0, s - s2) / np.where(s > 0, s, 1) * 100, np.nan)
     np.testing.assert_allclose(rows.relative_drop, rel, atol=1e-3)
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 from PIL import Image
 
-from m2ib.errors import InputError
-from m2ib.types import Attribution, Sample
-from metrics.localisation import (average_precision, image_localisation, summarise, target_token_mask,
+from m2ib.core.errors import InputError
+from m2ib.core.records import Attribution, Sample
+from m2ib.pipeline.tables import aggregate
+from metrics.localisation import (average_precision, image_localisation, target_token_mask,
                                   text_localisation, threshold_region)
 
 
@@ -63,7 +64,7 @@ def test_partial_overlap_and_batch_rows(adapter):
     assert list(rows.sample_id) == ["a", "b"]
     assert rows.iou.tolist() == [1.0, pytest.approx(32 / 96)]
     assert rows.bbox_ratio.tolist() == [1.0, 0.5]
-    summary = summarise(rows)
+    summary = aggregate(rows, ["method"], ["iou"])
     assert summary.loc[0, "iou"] == pytest.approx((1 + 32 / 96) / 2) and summary.loc[0, "n"] == 2
 
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from m2ib.errors import InputError
-from m2ib.types import Attribution, Sample
-from metrics.roar import (RoarConfig, degrade_images, degrade_text, random_attribution, roar_plus,
-                          split_indices, summarise_roar)
+from m2ib.core.errors import InputError
+from m2ib.core.records import Attribution, Sample
+from m2ib.core.attributor import attribute_with
+from m2ib.pipeline.tables import aggregate
+from metrics.roar import RoarConfig, degrade_images, degrade_text, roar_plus, split_indices
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_no_training_gives_the_degraded_similarity(adapter, samples):
 
 
 def test_method_with_random_maps_equals_the_reference_and_repeats(adapter, samples):
-    same = lambda a, s: random_attribution(a, s, CFG.seed)      # noqa: E731
+    same = attribute_with("random", seed=CFG.seed)             # the reference is the registered random method
     before = [p.detach().clone() for p in adapter.parameters()]
     rows = roar_plus(adapter, samples, {"copy": same}, modalities=("image",), config=CFG, progress=False)
     assert all(torch.equal(x, y) for x, y in zip(before, adapter.parameters()))      # original untouched
@@ -89,8 +90,8 @@ def test_method_with_random_maps_equals_the_reference_and_repeats(adapter, sampl
                       progress=False)
     first = rows[rows.method == "copy"].reset_index(drop=True)
     assert first.equals(again)                                                        # bit-for-bit
-    summary = summarise_roar(rows)
-    assert summary.method.tolist() == ["copy", "random"] and (summary.n_eval == 4).all()
+    summary = aggregate(rows, ["method", "modality"], ["similarity"])
+    assert summary.method.tolist() == ["copy", "random"] and (summary.n == 4).all()
     assert summary.similarity.iloc[0] == pytest.approx(rows[rows.method == "copy"].similarity.mean())
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from m2ib.errors import InputError
-from m2ib.types import Attribution, Sample
+from m2ib.core.errors import InputError
+from m2ib.core.records import Attribution, Sample
 from metrics.sanity import (cascading_randomisation, plot_sanity_curve, randomise_parameters, sanity_table,
                             spearman, ssim)
 
@@ -99,17 +99,18 @@ def test_bad_attribute_names_the_problem(adapter, samples):
 
 
 def test_attributor_factories_plug_in_with_per_pair_seeds(adapter, samples):
-    from m2ib.attributor import Attributor
-    from m2ib.attributor import pair_seed
-    from metrics.attribute import attribute_with, resolve
+    from m2ib.core.attributor import Attributor
+    from m2ib.core.seeds import pair_seed
+    from m2ib.core.attributor import attribute_with, resolve
 
     class SeedMap(Attributor):
         """Map = the pair's seed everywhere: shows which seed each pair received."""
         name = "seedmap"
+        defaults = {"modalities": ["image"]}
 
-        def attribute(self, pixels, text, seeds):
+        def explain(self, pixels, text, seeds):
             img = torch.tensor(seeds, dtype=torch.float32)[:, None, None].expand(-1, *self.adapter.image_size)
-            return Attribution(self.name, img.clone(), None, text.tokens, text.word_mask.cpu())
+            return img.clone(), None, {}
 
     fn = resolve(lambda ad: SeedMap(ad))                     # a factory: one required argument
     one, three = attribute_with(lambda ad: SeedMap(ad), batch_size=1)(adapter, samples), fn(adapter, samples)

@@ -4,15 +4,16 @@ import pytest
 import torch
 from PIL import Image
 
-from m2ib.errors import InputError
-from m2ib.models.open_clip_hf import OpenClipHFAdapter, write_tiny_hf_model
+from m2ib.core.errors import InputError
+from m2ib.models.open_clip_hf import OpenClipHFAdapter
+from tiny_models import write_tiny_hf_model
 
 ATOL = 2e-5
 
 
 def _build(folder, name, **kwargs):
     import open_clip
-    from m2ib.models.registry import load_adapter
+    from m2ib.models.sources import load_adapter
     path = write_tiny_hf_model(folder, name=name, **kwargs)
     open_clip.add_model_config(path)
     with pytest.MonkeyPatch.context() as mp:

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from m2ib.errors import InputError, ModelUnavailableError, UnsupportedError
-from m2ib.models.registry import hub_offline_mode, load_adapter
+from m2ib.core.errors import InputError, ModelUnavailableError, UnsupportedError
+from m2ib.models.offline import hub_offline_mode
+from m2ib.models.sources import load_adapter
 
 BIOMEDCLIP = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 
@@ -126,7 +127,7 @@ def tiny_hub(tmp_path_factory):
     """A tiny BiomedCLIP-shaped model in a fake HF cache (config + safetensors weights), built offline."""
     import open_clip
     from safetensors.torch import save_file
-    from m2ib.models.open_clip_hf import write_tiny_hf_model
+    from tiny_models import write_tiny_hf_model
     root = tmp_path_factory.mktemp("hub")
     cfg_path = write_tiny_hf_model(root / "src", name="m2ib-test-hub-src")
     open_clip.add_model_config(cfg_path)

@@ -9,13 +9,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from m2ib.attributor import get_method
+from m2ib.core.attributor import get_method
 from m2ib.method import M2IBAttributor
 from m2ib.pipeline.cache import AttributionCache
 from m2ib.pipeline.compute import compute_attributions
+from m2ib.pipeline.experiment import validate_config
 from m2ib.pipeline.regression import compare_tables, format_drift
 from m2ib.pipeline.tables import aggregate, bootstrap_ci
-from m2ib.types import Sample
+from m2ib.core.records import Sample
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -40,8 +41,7 @@ def test_every_experiment_composes_with_every_model_and_data(experiment):
             resolved = OmegaConf.to_container(cfg, resolve=True)
             assert resolved["experiment_name"] == experiment
             assert resolved["method"] and resolved["metric"]
-            if "m2ib" in resolved["method"]:
-                assert isinstance(resolved["method"]["m2ib"]["image_layer"], int)
+            validate_config(resolved)      # every method's, metric's and data set's keys and types
 
 
 @pytest.mark.parametrize("launcher, target", [("basic", "BasicLauncher"), ("joblib", "JoblibLauncher"),
@@ -79,19 +79,19 @@ def test_interrupted_run_resumes_without_recomputing(tiny_adapter, samples, tmp_
 
     monkeypatch.setattr(M2IBAttributor, "attribute", flaky)
     with pytest.raises(Interrupted):
-        compute_attributions(tiny_adapter, "m2ib", params, samples, tmp_path, {"m": 1}, batch_size=2, progress=False)
-    cache = AttributionCache(tmp_path, "m2ib", {"model": {"m": 1}, "params": params, "seed": 0})
+        compute_attributions(get_method("m2ib", tiny_adapter, **params), samples, tmp_path, {"m": 1}, batch_size=2, progress=False)
+    cache = AttributionCache(tmp_path, "m2ib", {"model": {"m": 1}, "params": get_method("m2ib", tiny_adapter, **params).identity(), "seed": 0})
     assert len(cache.missing(samples)) == 4                           # first batch of 2 was kept
     calls.clear()
-    resumed = compute_attributions(tiny_adapter, "m2ib", params, samples, tmp_path, {"m": 1}, batch_size=2,
+    resumed = compute_attributions(get_method("m2ib", tiny_adapter, **params), samples, tmp_path, {"m": 1}, batch_size=2,
                                    progress=False)
     assert calls == [2, 2]                                            # only the 4 missing pairs
     monkeypatch.setattr(M2IBAttributor, "attribute", original)
-    fresh = compute_attributions(tiny_adapter, "m2ib", params, samples, tmp_path / "fresh", {"m": 1},
+    fresh = compute_attributions(get_method("m2ib", tiny_adapter, **params), samples, tmp_path / "fresh", {"m": 1},
                                  batch_size=2, progress=False)
     assert torch.equal(resumed.image, fresh.image) and torch.equal(resumed.text, fresh.text)
     # Other batch sizes change float32 summation order only (pair seeds come from sample ids).
-    other = compute_attributions(tiny_adapter, "m2ib", params, samples, tmp_path / "other", {"m": 1},
+    other = compute_attributions(get_method("m2ib", tiny_adapter, **params), samples, tmp_path / "other", {"m": 1},
                                  batch_size=3, progress=False)
     torch.testing.assert_close(other.image, fresh.image, rtol=1e-3, atol=1e-3)
 
@@ -100,19 +100,19 @@ def test_cache_never_returns_another_samples_map(tiny_adapter, samples, tmp_path
     """Same id, other pixels (e.g. a re-downloaded subset): recomputed, not served from the cache.
     Ids that sanitise to the same file name ('a:1', 'a_1') get different files."""
     params = dict(layer=1, steps=2, copies=2)
-    first = compute_attributions(tiny_adapter, "m2ib", params, samples[:1], tmp_path, {"m": 1}, progress=False)
+    first = compute_attributions(get_method("m2ib", tiny_adapter, **params), samples[:1], tmp_path, {"m": 1}, progress=False)
     changed = [Sample(id=samples[0].id, image=samples[1].image, caption=samples[0].caption)]
-    again = compute_attributions(tiny_adapter, "m2ib", params, changed, tmp_path, {"m": 1}, progress=False)
-    fresh = compute_attributions(tiny_adapter, "m2ib", params, changed, tmp_path / "fresh", {"m": 1}, progress=False)
+    again = compute_attributions(get_method("m2ib", tiny_adapter, **params), changed, tmp_path, {"m": 1}, progress=False)
+    fresh = compute_attributions(get_method("m2ib", tiny_adapter, **params), changed, tmp_path / "fresh", {"m": 1}, progress=False)
     assert not torch.equal(first.image, again.image) and torch.equal(again.image, fresh.image)
-    cache = AttributionCache(tmp_path, "m2ib", {"model": {"m": 1}, "params": params, "seed": 0})
+    cache = AttributionCache(tmp_path, "m2ib", {"model": {"m": 1}, "params": get_method("m2ib", tiny_adapter, **params).identity(), "seed": 0})
     assert cache.path("a:1") != cache.path("a_1")
 
 
 def test_cache_key_separates_hyperparameters(tiny_adapter, samples, tmp_path):
-    a = compute_attributions(tiny_adapter, "m2ib", dict(layer=1, steps=2, copies=2, beta=0.1), samples[:2],
+    a = compute_attributions(get_method("m2ib", tiny_adapter, **dict(layer=1, steps=2, copies=2, beta=0.1)), samples[:2],
                              tmp_path, {"m": 1}, progress=False)
-    b = compute_attributions(tiny_adapter, "m2ib", dict(layer=1, steps=2, copies=2, beta=10.0), samples[:2],
+    b = compute_attributions(get_method("m2ib", tiny_adapter, **dict(layer=1, steps=2, copies=2, beta=10.0)), samples[:2],
                              tmp_path, {"m": 1}, progress=False)
     assert len(list(tmp_path.iterdir())) == 2 and not torch.equal(a.image, b.image)
 

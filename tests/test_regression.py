@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from m2ib.method import M2IBAttributor
 from m2ib.pipeline.experiment import GROUP_BY, run_experiment, table_stem
 from m2ib.pipeline.regression import check_against_reference
-from m2ib.pipeline.scoring import VALUE_COLUMNS
+from m2ib.core.metric import METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def reference_csv(cfg) -> Path:
 
 
 def values(cfg):
-    return [c for m in cfg["metric"] for c in VALUE_COLUMNS[m]]
+    return [c for m in cfg["metric"] for c in METRICS.get(m).columns]
 
 
 @pytest.fixture(scope="module")

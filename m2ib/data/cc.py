@@ -16,8 +16,9 @@ from typing import Iterable, Optional, Sequence
 from PIL import Image
 from tqdm import tqdm
 
-from m2ib.errors import DataUnavailableError, InputError
-from m2ib.types import Sample
+from m2ib.core.errors import DataUnavailableError, InputError
+from m2ib.core.records import Sample
+from m2ib.data.registry import register_dataset
 
 
 
@@ -44,6 +45,7 @@ def _read_text_gt(path: Path) -> dict[str, list[str]]:
         return {row["path"]: row["target_words"].split() for row in reader}
 
 
+@register_dataset('cc')
 def load_cc(tsv_path, image_root, manifest=None, text_gt=None, limit: Optional[int] = None,
             verify_sha256: bool = False, progress: bool = True) -> list[Sample]:
     """One Sample (no boxes) per usable TSV line; ids are '<tsv stem>:<line number>'.

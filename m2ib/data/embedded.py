@@ -1,6 +1,7 @@
-"""The embedded grounded benchmark: generated shape data in the real file formats + its small CLIP.
+"""The embedded grounded benchmark: generated shape data in the real file formats (its small CLIP is a
+model source: m2ib/models/embedded.py).
 
-Public entry points: EMBEDDED_MODEL_NAME, load_embedded_adapter(), load_embedded_split().
+Public entry point: load_embedded_split() (registered as data set 'embedded').
 Splits are generated on first use into `<repo>/.cache/embedded/` (override with $M2IB_EMBEDDED_CACHE)
 and checked against the committed manifest m2ib/assets/embedded/data_manifest.json (hashes of the
 CSV/TSV texts and of the decoded pixels), so every machine computes tables on identical data.
@@ -25,14 +26,12 @@ from tqdm import tqdm
 from m2ib.data.cc import write_cc, write_text_gt
 from m2ib.data.generator import GENERATOR_VERSION, IMAGE_SIZE, generate_pair, pixel_sha256
 from m2ib.data.mscxr import TEXT_GT_COLUMN, load_mscxr, write_mscxr
-from m2ib.errors import DataUnavailableError, InputError, ModelUnavailableError
-from m2ib.types import Sample
+from m2ib.core.errors import DataUnavailableError, InputError
+from m2ib.core.records import Sample
+from m2ib.data.registry import register_dataset
 
-EMBEDDED_MODEL_NAME = "m2ib-shapes-vit"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "embedded"
-CHECKPOINT = ASSET_DIR / f"{EMBEDDED_MODEL_NAME}.pt"
-CHECKPOINT_SHA256 = ASSET_DIR / f"{EMBEDDED_MODEL_NAME}.pt.sha256"
 DATA_MANIFEST = ASSET_DIR / "data_manifest.json"
 DATA_SEED = 20231210
 SPLIT_SIZES = {"train": 16000, "val": 500, "test": 500}
@@ -142,6 +141,7 @@ def ensure_split(split: str, root: Optional[Path] = None, progress: bool = True)
     return final
 
 
+@register_dataset("embedded")
 def load_embedded_split(split: str = "test", limit: Optional[int] = None, root: Optional[Path] = None,
                         progress: bool = True) -> list[Sample]:
     """Samples of a split read back through the MS-CXR loader; meta gets every object of the image
@@ -160,26 +160,4 @@ def load_embedded_split(split: str = "test", limit: Optional[int] = None, root: 
     return samples
 
 
-def verify_checkpoint(path: Path = CHECKPOINT) -> str:
-    """sha256 of the committed checkpoint, checked against its .sha256 file."""
-    if not Path(path).is_file():
-        raise ModelUnavailableError(f"embedded checkpoint {path} is missing; retrain it with `make embedded-model`")
-    if not CHECKPOINT_SHA256.is_file():
-        raise ModelUnavailableError(f"checksum file {CHECKPOINT_SHA256} is missing")
-    expected = CHECKPOINT_SHA256.read_text().split()[0]
-    got = _sha256_file(path)
-    if got != expected:
-        raise ModelUnavailableError(f"embedded checkpoint {path} has sha256 {got}, expected {expected} "
-                                    f"(from {CHECKPOINT_SHA256}); the file is corrupt or was replaced")
-    return got
-
-
-def load_embedded_adapter(device: str = "cpu"):
-    """The committed small CLIP, loaded through the same open_clip path as any real checkpoint."""
-    from m2ib.models.registry import load_adapter
-    verify_checkpoint()
-    return load_adapter(EMBEDDED_MODEL_NAME, pretrained=str(CHECKPOINT), device=device)
-
-
-__all__ = ["EMBEDDED_MODEL_NAME", "load_embedded_adapter", "load_embedded_split", "ensure_split",
-           "write_split", "digest_split", "verify_checkpoint", "IMAGE_SIZE"]
+__all__ = ["load_embedded_split", "ensure_split", "write_split", "digest_split", "IMAGE_SIZE"]

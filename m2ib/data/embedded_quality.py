@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from m2ib.data.generator import _safe_region
-from m2ib.errors import InputError
-from m2ib.types import Sample
+from m2ib.core.errors import InputError
+from m2ib.core.records import Sample
 
 
 def _needs_meta(samples: Sequence[Sample]) -> None:

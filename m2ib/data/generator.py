@@ -25,7 +25,7 @@ from typing import Iterator, Optional
 import numpy as np
 from skimage import draw
 
-from m2ib.errors import InputError
+from m2ib.core.errors import InputError
 
 GENERATOR_VERSION = 1
 IMAGE_SIZE = (96, 80)          # (width, height) of the original images: not square, so the crop matters

@@ -16,8 +16,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from m2ib.errors import DataUnavailableError, InputError
-from m2ib.types import Sample
+from m2ib.core.errors import DataUnavailableError, InputError
+from m2ib.core.records import Sample
+from m2ib.data.registry import register_dataset
 
 REQUIRED_COLUMNS = ("dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h",
                     "image_width", "image_height")
@@ -54,6 +55,7 @@ def _open_image(path: Path, where: str, max_side: Optional[int]) -> tuple[Image.
     return image, scale, on_disk
 
 
+@register_dataset('mscxr')
 def load_mscxr(csv_path, image_root, limit: Optional[int] = None, max_side: Optional[int] = None,
                box_tolerance: float = 1.0, progress: bool = True) -> list[Sample]:
     """Read an MS-CXR-layout CSV into one Sample per (image, phrase) pair, with all its boxes.

@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from m2ib.errors import DataUnavailableError, InputError
+from m2ib.core.errors import DataUnavailableError, InputError
 
 MANIFEST_COLUMNS = ("url", "path", "sha256", "status")
 STATUSES = ("ok", "dead", "corrupt", "timeout")

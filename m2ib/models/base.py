@@ -23,11 +23,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from m2ib.errors import InputError
-from m2ib.geometry import boxes_to_input_frame
-from m2ib.types import TextBatch
+from m2ib.core.attributor import MODALITIES
+from m2ib.core.errors import InputError, UnsupportedError
+from m2ib.core.geometry import boxes_to_input_frame
+from m2ib.core.records import TextBatch
 
-MODALITIES = ("image", "text")
+#: The rule for models without published M2IB settings: the release's layer 9 where the tower is deep
+#: enough, else its second-to-last block (the last valid bottleneck layer); the release's beta 0.1.
+DEFAULT_M2IB_LAYER, DEFAULT_M2IB_BETA = 9, 0.1
 
 
 class ModelAdapter(abc.ABC):
@@ -35,7 +38,7 @@ class ModelAdapter(abc.ABC):
 
     name: str
     family: str
-    model: torch.nn.Module          # the wrapped model (frozen); only metrics/roar.py unfreezes a copy
+    model: torch.nn.Module          # the wrapped model (frozen); read only inside m2ib/models/
     device: torch.device
     image_size: tuple[int, int]     # preprocessed (H, W)
     grid_size: tuple[int, int]      # patch grid (rows, cols) of the image tokens
@@ -44,6 +47,7 @@ class ModelAdapter(abc.ABC):
     blank_token_id: int             # token used to "remove" a word (faithfulness metrics)
     resize_mode: str                # open_clip's image resize mode ('shortest', 'longest', 'squash')
     num_prefix: int = 1             # class/prefix tokens before the patch tokens of the image hidden state
+    m2ib_defaults: dict             # the model's M2IB image_/text_ layer and beta (set by models.sources)
 
     def _wrap(self, model, preprocess, tokenizer, name: str, device) -> None:
         """Common set-up: the model frozen in eval mode on `device`, its preprocessing and tokenizer."""
@@ -55,6 +59,17 @@ class ModelAdapter(abc.ABC):
         self._preprocess = preprocess
         self.tokenizer = tokenizer
         self._record: dict[str, Optional[list]] = {"image": None, "text": None}
+        self.pixel_mean, self.pixel_std = _normalisation(preprocess)
+        self.m2ib_defaults = {}
+
+    def default_m2ib_settings(self) -> dict:
+        """image_/text_ layer and beta for M2IB: the model's published values (m2ib_defaults), else the
+        rule DEFAULT_M2IB_LAYER clipped to the tower's last valid layer, DEFAULT_M2IB_BETA."""
+        out = {}
+        for m in MODALITIES:
+            out[f"{m}_layer"] = self.m2ib_defaults.get(f"{m}_layer", min(DEFAULT_M2IB_LAYER, self.num_layers[m] - 2))
+            out[f"{m}_beta"] = self.m2ib_defaults.get(f"{m}_beta", DEFAULT_M2IB_BETA)
+        return out
 
     # ---- inputs -------------------------------------------------------------------------
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -99,16 +114,22 @@ class ModelAdapter(abc.ABC):
                                     self.resize_mode)
 
     # ---- whole encoders -----------------------------------------------------------------
-    @abc.abstractmethod
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, D) normalised embedding."""
+        """(B, 3, H, W) -> (B, D) normalised embedding: block 0, then the rest (prefix + suffix, which
+        tests show equal to the model's own encode)."""
+        return self.suffix("image", self.prefix("image", pixels, 0), pixels, 0)
 
-    @abc.abstractmethod
     def encode_text(self, text: TextBatch) -> torch.Tensor:
         """TextBatch -> (B, D) normalised embedding."""
+        return self.suffix("text", self.prefix("text", text, 0), text, 0)
 
     def encode(self, modality: str, inputs) -> torch.Tensor:
         return self.encode_image(inputs) if modality == "image" else self.encode_text(inputs)
+
+    def similarity(self, pixels: torch.Tensor, text: TextBatch) -> torch.Tensor:
+        """The explained scalar: cosine similarity of each pair's normalised embeddings, (B,). Every
+        method explains it and every faithfulness metric re-scores it (Wang et al. 2023, Eq. 5)."""
+        return (self.encode_image(pixels) * self.encode_text(text)).sum(-1)
 
     # ---- split encoders (the bottleneck sits between prefix and suffix) --------------------
     @abc.abstractmethod
@@ -122,10 +143,17 @@ class ModelAdapter(abc.ABC):
         embedding. `hidden` may have more rows than `inputs` (copies): rows are grouped so that
         row r belongs to input r // (len(hidden) // len(inputs))."""
 
-    @abc.abstractmethod
     def token_positions(self, modality: str, inputs) -> torch.Tensor:
         """(B, N) bool: which positions of prefix()'s hidden state are real inputs (image: all;
         text: start-of-text .. end-of-text, no padding)."""
+        if modality == "image":
+            n = self.grid_size[0] * self.grid_size[1] + self.num_prefix
+            return torch.ones(inputs.shape[0], n, dtype=torch.bool, device=self.device)
+        return self._text_positions(inputs)
+
+    @abc.abstractmethod
+    def _text_positions(self, text: TextBatch) -> torch.Tensor:
+        """token_positions for text."""
 
     def hidden_to_image_map(self, values: torch.Tensor) -> torch.Tensor:
         """(B, N) per-token values of the image hidden state -> (B, H, W) map in the preprocessed
@@ -158,10 +186,22 @@ class ModelAdapter(abc.ABC):
         finally:
             self._record[modality] = None
 
+    def gradcam_target(self, modality: str) -> tuple[torch.nn.Module, Callable]:
+        """(module, reshape_transform) for pytorch-grad-cam: the block before the last (after the last
+        only the pooled token reaches the embedding), and a function turning its (B, N, C) tokens into
+        (B, C, rows, cols): the patch grid without prefix tokens (image), a 1 x N strip (text)."""
+        module = self._blocks(modality)[-2]
+        if modality == "image":
+            gh, gw, npre = *self.grid_size, self.num_prefix
+
+            def reshape(t):
+                return t[:, npre:].reshape(t.shape[0], gh, gw, t.shape[-1]).permute(0, 3, 1, 2)
+            return module, reshape
+        return module, lambda t: t.permute(0, 2, 1)[:, :, None, :]
+
     @abc.abstractmethod
-    def gradcam_target(self, modality: str) -> tuple[torch.nn.Module, Optional[Callable]]:
-        """(module, reshape_transform) for pytorch-grad-cam: a layer before the last block, and a
-        function turning its (B, N, C) tokens into (B, C, rows, cols)."""
+    def _blocks(self, modality: str) -> Sequence[torch.nn.Module]:
+        """The transformer blocks of one tower, in order."""
 
     @abc.abstractmethod
     def embed_tokens(self, text: TextBatch) -> torch.Tensor:
@@ -181,6 +221,31 @@ class ModelAdapter(abc.ABC):
         read-only tokenizer and preprocessing are shared, not copied (the BPE tables are large)."""
         return _copy.deepcopy(self, {id(self.tokenizer): self.tokenizer, id(self._preprocess): self._preprocess})
 
+    def trainable_copy(self) -> tuple["ModelAdapter", list[torch.nn.Parameter]]:
+        """(a deep copy, its parameters with requires_grad on) for fine-tuning (ROAR+); the copy stays
+        in eval mode (no dropout), so a CPU fine-tune repeats bit for bit. This adapter stays frozen."""
+        other = self.copy()
+        params = list(other.model.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        return other, params
+
+    def state_dict(self) -> dict:
+        """The wrapped model's weights (checkpoints of fine-tuned copies)."""
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)
+
+    # ---- display ------------------------------------------------------------------------
+    def to_display(self, pixels: torch.Tensor) -> np.ndarray:
+        """(B, 3, H, W) preprocessed pixels -> (B, H, W, 3) float RGB in [0, 1], undoing the model's
+        own normalisation (figures)."""
+        mean = torch.tensor(self.pixel_mean)[:, None, None]
+        std = torch.tensor(self.pixel_std)[:, None, None]
+        img = pixels.detach().cpu().float() * std + mean
+        return img.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
     # ---- shared checks -------------------------------------------------------------------
     def check_layer(self, modality: str, layer: int) -> int:
         if modality not in MODALITIES:
@@ -197,3 +262,12 @@ class ModelAdapter(abc.ABC):
 
     def parameters(self):
         return self.model.parameters()
+
+
+def _normalisation(preprocess) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the Normalize step of a torchvision preprocessing pipeline."""
+    for t in getattr(preprocess, "transforms", []):
+        if type(t).__name__ == "Normalize":
+            return tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std)
+    raise UnsupportedError(f"the model's preprocessing {preprocess!r} has no Normalize step; cannot map "
+                           f"its pixels back to colours")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m2ib.errors import UnsupportedError
+from m2ib.core.errors import UnsupportedError
 
 try:  # open_clip >= 3
     from open_clip.transformer import ResidualAttentionBlock

@@ -17,16 +17,14 @@ Facts this adapter relies on (read from open_clip 3.x / timm 1.x / transformers 
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from m2ib.errors import InputError, UnsupportedError
+from m2ib.core.errors import InputError, UnsupportedError
+from m2ib.core.records import TextBatch
 from m2ib.models.base import ModelAdapter
-from m2ib.types import TextBatch
 
 _SUPPORTED_POOLERS = ("ClsLastHiddenStatePooler", "ClsPooler", "MeanPooler")
 
@@ -263,22 +261,8 @@ class OpenClipHFAdapter(ModelAdapter):
         x = run_bert_layer(last, x, mask, query_index=self._text_query if rec is None else None, record=rec)
         return self._text_head(x, ids)
 
-    def token_positions(self, modality: str, inputs) -> torch.Tensor:
-        if modality == "image":
-            n = self.grid_size[0] * self.grid_size[1] + self.num_prefix
-            return torch.ones(inputs.shape[0], n, dtype=torch.bool, device=self.device)
-        ids = inputs.ids[:, : self._text_len(inputs)]
-        return ids != self.pad_id
-
-    # ---- whole encoders ---------------------------------------------------------------------------
-    def _full(self, modality, inputs):
-        return self.suffix(modality, self.prefix(modality, inputs, 0), inputs, 0)
-
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._full("image", pixels)
-
-    def encode_text(self, text: TextBatch) -> torch.Tensor:
-        return self._full("text", text)
+    def _text_positions(self, text: TextBatch) -> torch.Tensor:
+        return text.ids[:, : self._text_len(text)] != self.pad_id
 
     def embed_tokens(self, text: TextBatch) -> torch.Tensor:
         return self.bert.embeddings.word_embeddings(text.ids)
@@ -292,19 +276,9 @@ class OpenClipHFAdapter(ModelAdapter):
             x = run_bert_layer(lyr, x, mask, record=rec)
         return self._text_head(x, ids)
 
-    # ---- maps ---------------------------------------------------------------------------------------
     # ---- hooks -----------------------------------------------------------------------------------------
-    def gradcam_target(self, modality: str):
-        if modality == "image":
-            gh, gw, npre = *self.grid_size, self.num_prefix
-
-            def reshape(t):
-                return t[:, npre:].reshape(t.shape[0], gh, gw, t.shape[-1]).permute(0, 3, 1, 2)
-            return self.trunk.blocks[-2], reshape
-
-        def reshape_text(t):
-            return t.permute(0, 2, 1)[:, :, None, :]
-        return self.bert.encoder.layer[-2], reshape_text
+    def _blocks(self, modality: str):
+        return self.trunk.blocks if modality == "image" else self.bert.encoder.layer
 
     def randomization_order(self, modality: str):
         if modality == "image":
@@ -325,35 +299,3 @@ class OpenClipHFAdapter(ModelAdapter):
         groups = [("text.projection", head)]
         groups += [(f"text.block{i}", list(layers[i].parameters())) for i in reversed(range(len(layers)))]
         return groups + [("text.embeddings", list(self.bert.embeddings.parameters()))]
-
-
-# ---- a tiny offline model of this family (tests, examples) -----------------------------------------
-TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "an", "the", "of", "in", "on", "and",
-              "is", "there", "left", "right", "lower", "upper", "lung", "lobe", "small", "large",
-              "opacity", "effusion", "pleural", "heart", "red", "green", "blue", "circle", "square",
-              "dog", "cat", "photo", "##s", "##ing", "##ed", "##al", "."]
-
-
-def write_tiny_hf_model(folder, name: str = "m2ib-tiny-timm-bert", timm_pool: str = "",
-                        pooler: str = "cls_last_hidden_state_pooler", context_length: int = 24) -> Path:
-    """Write, fully offline, a tiny BiomedCLIP-shaped open_clip config into `folder`:
-    `folder/<name>.json` (timm 'test_vit' trunk, 160 px, 6 blocks) whose text tower points at
-    `folder/tiny-bert/` (a 3-layer BertConfig + a WordPiece vocab.txt). Returns the JSON path;
-    register it with open_clip.add_model_config(path) and build with pretrained_text=False."""
-    folder = Path(folder)
-    bert = folder / "tiny-bert"
-    bert.mkdir(parents=True, exist_ok=True)
-    (bert / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n", encoding="utf-8")
-    (bert / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 64}), encoding="utf-8")
-    from transformers import BertConfig
-    BertConfig(vocab_size=len(TINY_VOCAB), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-               intermediate_size=64, max_position_embeddings=64, pad_token_id=0).save_pretrained(bert)
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"timm_model_name": "test_vit", "timm_model_pretrained": False, "timm_pool": timm_pool,
-                          "timm_proj": "linear", "image_size": 160},
-           "text_cfg": {"hf_model_name": str(bert), "hf_tokenizer_name": str(bert), "hf_proj_type": "mlp",
-                        "hf_pooler_type": pooler, "context_length": context_length}}
-    path = folder / f"{name}.json"
-    path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
-    return path

@@ -11,10 +11,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from m2ib.errors import UnsupportedError
+from m2ib.core.errors import UnsupportedError
+from m2ib.core.records import TextBatch
 from m2ib.models.base import ModelAdapter
 from m2ib.models.blocks import run_block
-from m2ib.types import TextBatch
 
 
 def _text_tower(model) -> SimpleNamespace:
@@ -148,24 +148,8 @@ class OpenClipViTAdapter(ModelAdapter):
             pooled = x[torch.arange(x.shape[0], device=x.device), eot]
         return self._text_project(pooled)
 
-    def token_positions(self, modality: str, inputs) -> torch.Tensor:
-        if modality == "image":
-            n = self.grid_size[0] * self.grid_size[1] + 1
-            return torch.ones(inputs.shape[0], n, dtype=torch.bool, device=self.device)
-        L = self._text_len(inputs)
-        return torch.arange(L, device=self.device)[None] <= inputs.eot[:, None]
-
-    # ---- whole encoders ---------------------------------------------------------------------------
-    def _full(self, modality, inputs):
-        """The whole encoder as prefix(0) + suffix(0): block 0 then the rest."""
-        hidden = self.prefix(modality, inputs, 0)
-        return self.suffix(modality, hidden, inputs, 0)
-
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._full("image", pixels)
-
-    def encode_text(self, text: TextBatch) -> torch.Tensor:
-        return self._full("text", text)
+    def _text_positions(self, text: TextBatch) -> torch.Tensor:
+        return torch.arange(self._text_len(text), device=self.device)[None] <= text.eot[:, None]
 
     def embed_tokens(self, text: TextBatch) -> torch.Tensor:
         return self.text.token_embedding(text.ids)
@@ -180,17 +164,8 @@ class OpenClipViTAdapter(ModelAdapter):
         return self._text_project(x[torch.arange(x.shape[0], device=x.device), text.eot])
 
     # ---- hooks -----------------------------------------------------------------------------------------
-    def gradcam_target(self, modality: str):
-        if modality == "image":
-            gh, gw = self.grid_size
-
-            def reshape(t):
-                return t[:, 1:].reshape(t.shape[0], gh, gw, t.shape[-1]).permute(0, 3, 1, 2)
-            return self.visual.transformer.resblocks[-2], reshape
-
-        def reshape_text(t):
-            return t.permute(0, 2, 1)[:, :, None, :]
-        return self.text.blocks[-2], reshape_text
+    def _blocks(self, modality: str):
+        return self.visual.transformer.resblocks if modality == "image" else self.text.blocks
 
     def randomization_order(self, modality: str):
         if modality == "image":

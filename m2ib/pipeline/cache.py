@@ -22,12 +22,13 @@ from typing import Sequence
 
 import torch
 
-from m2ib.types import Attribution, Sample
+from m2ib.core.records import Attribution, Sample
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _ROOT = Path(__file__).resolve().parents[2]
 #: Code whose change changes maps (metrics, tables and figures are deliberately not in it).
-_MAP_CODE = ("m2ib/*.py", "m2ib/models/*.py", "baselines/*.py")
+_MAP_CODE = ("m2ib/core/*.py", "m2ib/models/*.py", "m2ib/method/*.py", "baselines/*.py")
+_NOT_MAP_CODE = ("figures.py", "metric.py")
 
 
 def config_key(payload: dict) -> str:
@@ -42,8 +43,8 @@ def code_version() -> str:
     h = hashlib.sha256()
     for pattern in _MAP_CODE:
         for path in sorted(_ROOT.glob(pattern)):
-            if path.name != "figures.py":
-                h.update(path.name.encode() + path.read_bytes())
+            if path.name not in _NOT_MAP_CODE:
+                h.update(str(path.relative_to(_ROOT)).encode() + path.read_bytes())
     for pkg in ("torch", "open_clip_torch"):
         try:
             h.update(_md.version(pkg).encode())

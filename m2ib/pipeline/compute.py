@@ -4,32 +4,33 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from m2ib.attributor import attribute_in_batches, get_method
-from m2ib.errors import InputError
+from m2ib.core.attributor import Attributor, attribute_in_batches
+from m2ib.core.errors import InputError
+from m2ib.core.records import Attribution, Sample
 from m2ib.pipeline.cache import AttributionCache
-from m2ib.types import Attribution, Sample
 
 log = logging.getLogger(__name__)
 
 
-def compute_attributions(adapter, method: str, params: dict, samples: Sequence[Sample], cache_root,
-                         model_identity: dict, seed: int = 0, batch_size: int = 8,
-                         progress: bool = True) -> Attribution:
-    """Attributions of `method` for `samples` (in order), computing only those not cached yet.
+def compute_attributions(attributor: Attributor, samples: Sequence[Sample], cache_root, model_identity: dict,
+                         seed: int = 0, batch_size: int = 8, progress: bool = True) -> Attribution:
+    """Attributions of `attributor` for `samples` (in order), computing only those not cached yet.
 
-    Pair seeds come from the sample id (m2ib.attributor.pair_seed), so results do not depend on
-    batching, sharding or on which samples were already cached.
+    The cache is keyed by the attributor's resolved hyperparameters (Attributor.identity); pair seeds
+    come from the sample id (m2ib.core.seeds.pair_seed), so results do not depend on batching, sharding
+    or on which samples were already cached, and equal what explain() gives for the same ids.
     """
     ids = [s.id for s in samples]
     if len(set(ids)) != len(ids):
         raise InputError("sample ids are not unique; the cache needs unique ids")
-    cache = AttributionCache(cache_root, method, {"model": model_identity, "params": dict(params), "seed": seed})
+    name = attributor.name
+    cache = AttributionCache(cache_root, name, {"model": model_identity, "params": attributor.identity(), "seed": seed})
     todo = cache.missing(samples)
     if todo:
-        log.info("%s: computing %d of %d samples (%d cached) into %s", method, len(todo), len(samples),
+        log.info("%s: computing %d of %d samples (%d cached) into %s", name, len(todo), len(samples),
                  len(samples) - len(todo), cache.dir)
-        attribute_in_batches(get_method(method, adapter, **params), todo, seed=seed, batch_size=batch_size,
-                             progress=progress, on_batch=cache.put)
+        attribute_in_batches(attributor, todo, seed=seed, batch_size=batch_size, progress=progress,
+                             on_batch=cache.put)
     else:
-        log.info("%s: all %d samples cached in %s", method, len(samples), cache.dir)
+        log.info("%s: all %d samples cached in %s", name, len(samples), cache.dir)
     return cache.get(samples)

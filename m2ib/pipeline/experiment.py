@@ -1,7 +1,13 @@
-"""One configured run: model x data x methods x metrics -> per-sample rows -> a versioned table."""
+"""One configured run: model x data x methods x metrics -> per-sample rows -> versioned tables.
+
+Nothing here knows a particular method, metric, data set or model: each is looked up in its registry
+(m2ib.core.attributor.METHODS, m2ib.core.metric.METRICS, m2ib.data.registry.DATASETS,
+m2ib.models.sources.MODEL_SOURCES). Everything that can be checked without a model is checked first
+(validate_config), and every method is constructed before any is run, so a bad parameter is reported
+in one line before minutes of work.
+"""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -10,50 +16,34 @@ from typing import Optional
 import pandas as pd
 import torch
 
-from m2ib.errors import InputError
+from m2ib.core.attributor import METHODS, attribute_with
+from m2ib.core.errors import InputError
+from m2ib.core.metric import METRICS, MetricContext
+from m2ib.data.registry import load_dataset, loader_params
+from m2ib.models.sources import build, resolve
 from m2ib.pipeline.compute import compute_attributions
-from m2ib.pipeline.scoring import VALUE_COLUMNS, score
-from m2ib.pipeline.tables import aggregate, run_metadata, write_table
+from m2ib.pipeline.tables import aggregate, run_metadata, write_meta, write_table
 
 log = logging.getLogger(__name__)
 GROUP_BY = ["method", "modality"]
+ROW_KEYS = ["sample_id", "method", "modality"]
 
 
 def build_adapter(model_cfg: dict, device: str):
-    """The adapter named by a model config; returns (adapter, identity used as cache key)."""
-    if model_cfg.get("pretrained") == "embedded":
-        from m2ib.data.embedded import load_embedded_adapter, verify_checkpoint
-        return load_embedded_adapter(device=device), {"name": model_cfg["name"], "sha256": verify_checkpoint()}
-    from m2ib.models.registry import load_adapter
-    adapter = load_adapter(model_cfg["name"], pretrained=model_cfg.get("pretrained"), device=device)
-    identity = {"name": model_cfg["name"], "pretrained": model_cfg.get("pretrained")}
-    pretrained = model_cfg.get("pretrained")
-    if pretrained and Path(str(pretrained)).is_file():
-        import hashlib
-        identity["sha256"] = hashlib.sha256(Path(pretrained).read_bytes()).hexdigest()
-    return adapter, identity
+    """The adapter named by a model config; returns (adapter, identity used as cache key).
+
+    model.m2ib (optional) overrides the model description's M2IB layers/betas, e.g. for a checkpoint
+    fine-tuned on another domain (conf/model/local_checkpoint.yaml)."""
+    source = resolve(model_cfg["name"], model_cfg.get("pretrained"))
+    adapter = build(source, device=device)
+    adapter.m2ib_defaults.update(model_cfg.get("m2ib") or {})
+    return adapter, source.identity()
 
 
 def load_samples(data_cfg: dict, progress: bool = True) -> tuple[list, int]:
     """(this job's shard of the configured data set's samples: every num_shards-th pair, total count)."""
-    kind = data_cfg.get("kind")
-    limit = data_cfg.get("limit")
-    if kind == "embedded":
-        from m2ib.data.embedded import load_embedded_split
-        samples = load_embedded_split(data_cfg.get("split", "test"), limit=limit, progress=progress)
-    elif kind == "mscxr":
-        from m2ib.data.mscxr import load_mscxr
-        samples = load_mscxr(data_cfg["csv"], data_cfg["image_root"], limit=limit,
-                             max_side=data_cfg.get("max_side"), progress=progress)
-    elif kind == "cc":
-        from m2ib.data.cc import load_cc
-        samples = load_cc(data_cfg["tsv"], data_cfg["image_root"], manifest=data_cfg.get("manifest"),
-                          limit=limit, progress=progress)
-    else:
-        raise InputError(f"unknown data kind {kind!r}; expected embedded, mscxr or cc")
+    samples = load_dataset(data_cfg, progress=progress)
     shard, num = int(data_cfg.get("shard", 0)), int(data_cfg.get("num_shards", 1))
-    if num < 1 or not 0 <= shard < num:
-        raise InputError(f"data.shard must be in 0..num_shards-1, got shard={shard}, num_shards={num}")
     return samples[shard::num], len(samples)
 
 
@@ -80,6 +70,9 @@ def check_run_settings(cfg: dict) -> None:
     data = cfg.get("data") or {}
     integer("data.num_shards", data.get("num_shards", 1), 1)
     integer("data.shard", data.get("shard", 0), 0)
+    if data.get("shard", 0) >= data.get("num_shards", 1):
+        raise InputError(f"data.shard must be in 0..num_shards-1, got shard={data.get('shard')}, "
+                         f"num_shards={data.get('num_shards')}")
     if data.get("limit") is not None:
         integer("data.limit", data["limit"], 1)
     device = str(cfg.get("device", "cpu"))
@@ -87,105 +80,93 @@ def check_run_settings(cfg: dict) -> None:
         raise InputError(f"device must be cpu, cuda or cuda:<index>, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("device=cuda was asked for but no CUDA device is available; use device=cpu")
-    if data.get("num_shards", 1) > 1 and {"roar", "sanity"} & set(cfg.get("metric") or {}):
-        raise InputError("ROAR+ and the sanity checks need the whole data set in one job (the fine-tune split and "
-                         "the retrieval gallery would change per shard); run them with data.num_shards=1")
+
+
+def validate_config(cfg: dict) -> None:
+    """Every check that needs no model or data: run settings, each method's and metric's parameters
+    (unknown keys, types, ranges, non-finite numbers), the data set's keys, sharding."""
+    check_run_settings(cfg)
+    methods, metrics_cfg = cfg.get("method") or {}, cfg.get("metric") or {}
+    if not methods or not metrics_cfg:
+        raise InputError("a run needs at least one method (method=[...]) and one metric (metric=[...])")
+    for name, params in methods.items():
+        METHODS.get(name).check_params(params or {})
+    for name, params in metrics_cfg.items():
+        spec = METRICS.get(name)
+        spec.check_params(params or {})
+        if spec.whole_dataset and int((cfg.get("data") or {}).get("num_shards", 1)) > 1:
+            raise InputError(f"metric {name!r} needs the whole data set in one job (its result depends on every "
+                             f"evaluated pair); run it with data.num_shards=1")
+    loader_params(cfg["data"])
 
 
 def run_experiment(cfg: dict, run_dir: Optional[Path] = None) -> dict:
-    """Run a resolved config (a plain dict); returns {'rows', 'table', 'paths'}."""
-    check_run_settings(cfg)
+    """Run a resolved config (a plain dict); returns {'rows', 'table', 'paths', <own-table metric>: rows}."""
+    validate_config(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     device = cfg.get("device", "cpu")
     progress = bool(cfg.get("progress", True))
-    methods, metrics = cfg.get("method") or {}, cfg.get("metric") or {}
-    if not methods or not metrics:
-        raise InputError("a run needs at least one method (method=[...]) and one metric (metric=[...])")
+    seed, batch_size = int(cfg.get("seed", 0)), int(cfg.get("batch_size", 8))
+    methods = {name: dict(params or {}) for name, params in cfg["method"].items()}
+    specs = {name: (METRICS.get(name), METRICS.get(name).check_params(params or {}))
+             for name, params in cfg["metric"].items()}
     adapter, identity = build_adapter(cfg["model"], device)
+    attributors = {name: METHODS.get(name)(adapter, **params) for name, params in methods.items()}
     samples, total = load_samples(cfg["data"], progress=progress)
     if not samples:
         raise InputError(f"no samples in data set {cfg['data']}")
-    seed, batch_size = int(cfg.get("seed", 0)), int(cfg.get("batch_size", 8))
-    pair_metrics = {k: v for k, v in metrics.items() if k != "sanity"}
+
     out_dirs = [Path(run_dir)] if run_dir else []
     if cfg.get("write_results", True):
         out_dirs.append(Path(cfg["results_dir"]) / cfg["experiment_name"])
-    meta = run_metadata(cfg, len(samples), device, {"seed": seed, "bootstrap_seed": seed})
     stem = table_stem(cfg, total)
-    result = {"paths": {}}
-    if pair_metrics:
-        result = _pair_metrics(cfg, adapter, identity, samples, methods, pair_metrics, seed, batch_size, progress,
-                               out_dirs, stem, meta)
-    if "sanity" in metrics:
-        result["sanity"] = _sanity(adapter, samples, methods, metrics["sanity"] or {}, seed, batch_size, progress,
-                                   out_dirs, stem, meta)
-        result["paths"].update(result["sanity"]["paths"])
-    return result
-
-
-def _pair_metrics(cfg, adapter, identity, samples, methods, metrics, seed, batch_size, progress, out_dirs, stem,
-                  meta) -> dict:
-    """Per-pair metrics of every method, merged into one row per (sample, method, modality), aggregated."""
-    per_method, timings, examples = [], {}, {}
-    keys = ["sample_id", "method", "modality"]
-    for name, params in methods.items():
+    pair_rows, own_rows, timings, examples = [], {}, {}, {}
+    for name, attributor in attributors.items():
         start = time.perf_counter()
-        att = compute_attributions(adapter, name, params or {}, samples, cfg["cache_dir"], identity,
-                                   seed=seed, batch_size=batch_size, progress=progress)
+        att = compute_attributions(attributor, samples, cfg["cache_dir"], identity, seed=seed,
+                                   batch_size=batch_size, progress=progress)
         timings[name] = {"wall_seconds": time.perf_counter() - start,
                          "seconds_per_pair_when_computed": att.seconds / len(samples)}
         examples[name] = att.select(range(min(4, len(samples))))
+        context = MetricContext(attribute=attribute_with(name, batch_size, seed, hparams=methods[name]), seed=seed,
+                                work_dir=Path(cfg["cache_dir"]), progress=progress)
         merged = None
-        for metric, mparams in metrics.items():
-            rows = score(metric, mparams, att, adapter, samples, progress=progress)
+        for metric, (spec, params) in specs.items():
+            rows = spec.score(att, adapter, samples, context, **params)
             if rows.empty:
                 continue
-            rows = rows[keys + [c for c in rows.columns if c not in keys]]
+            if spec.table is not None:
+                own_rows.setdefault(metric, []).append(rows)
+                continue
+            rows = rows[ROW_KEYS + [c for c in rows.columns if c not in ROW_KEYS]]
             if merged is None:
                 merged = rows
             else:   # one row per (sample, method, modality) holding every metric's values
-                extra = [c for c in rows.columns if c not in keys and c not in merged.columns]
-                merged = merged.merge(rows[keys + extra], on=keys, how="outer", sort=False)
+                extra = [c for c in rows.columns if c not in ROW_KEYS and c not in merged.columns]
+                merged = merged.merge(rows[ROW_KEYS + extra], on=ROW_KEYS, how="outer", sort=False)
         if merged is not None:
-            per_method.append(merged)
-    if not per_method:
+            pair_rows.append(merged)
+    if not pair_rows and not own_rows:
         raise InputError("no metric produced rows (see the warnings above)")
-    rows = pd.concat(per_method, ignore_index=True)
-    values = [c for m in metrics for c in VALUE_COLUMNS[m] if c in rows.columns]
-    table = aggregate(rows, GROUP_BY, values, seed=seed)
-    meta = {**meta, "timings": timings}
-    paths = {}
-    for out in out_dirs:
-        paths = write_table(table, rows, out, stem, GROUP_BY, values, meta)
-        if cfg.get("figures", True):
-            from m2ib.figures import method_grid
-            paths["examples"] = method_grid(out / f"{stem}.examples.png", adapter, samples, examples)
-        log.info("wrote %s", paths["md"])
-    return {"rows": rows, "table": table, "paths": paths}
 
-
-def _sanity(adapter, samples, methods, params, seed, batch_size, progress, out_dirs, stem, meta) -> dict:
-    """Cascading randomisation per method (maps recomputed on each randomised copy, so not cached)."""
-    from metrics.attribute import attribute_with
-    from metrics.sanity import cascading_randomisation, plot_sanity_curve, sanity_table
-    frames = []
-    for name, mparams in methods.items():
-        fn = attribute_with(name, batch_size=batch_size, seed=seed, hparams=mparams or {})
-        frames.append(cascading_randomisation(adapter, samples, fn, encoders=params.get("encoders", ["image", "text"]),
-                                              seed=seed, absolute=bool(params.get("absolute", False)),
-                                              method=name, progress=progress))
-    rows = pd.concat(frames, ignore_index=True)
-    paths = {}
-    for out in out_dirs:
-        out.mkdir(parents=True, exist_ok=True)
-        paths["sanity_rows"] = out / f"{stem}.sanity.rows.csv"
-        rows.to_csv(paths["sanity_rows"], index=False, float_format="%.6g")
-        for value in ("spearman", "ssim"):
-            table = sanity_table(rows, value)
-            paths[f"sanity_{value}"] = out / f"{stem}.sanity-{value}.csv"
-            table.to_csv(paths[f"sanity_{value}"], float_format="%.4g")
-            (out / f"{stem}.sanity-{value}.md").write_text(table.round(3).to_string() + "\n")
-            paths[f"sanity_{value}_curve"] = plot_sanity_curve(rows, out / f"{stem}.sanity-{value}.png", value)
-        (out / f"{stem}.sanity.meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    return {"rows": rows, "paths": paths}
+    meta = {**run_metadata(cfg, len(samples), device, {"seed": seed, "bootstrap_seed": seed}), "timings": timings}
+    result: dict = {"paths": {}}
+    if pair_rows:
+        rows = pd.concat(pair_rows, ignore_index=True)
+        values = [c for spec, _ in specs.values() if spec.table is None for c in spec.columns if c in rows.columns]
+        table = aggregate(rows, GROUP_BY, values, seed=seed)
+        for out in out_dirs:
+            result["paths"] = write_table(table, rows, out, stem, GROUP_BY, values, meta)
+            if cfg.get("figures", True):
+                from m2ib.pipeline.figures import method_grid
+                result["paths"]["examples"] = method_grid(out / f"{stem}.examples.png", adapter, samples, examples)
+            log.info("wrote %s", result["paths"]["md"])
+        result.update(rows=rows, table=table)
+    for metric, frames in own_rows.items():
+        rows = pd.concat(frames, ignore_index=True)
+        for out in out_dirs:
+            result["paths"].update(specs[metric][0].table(rows, out, stem))
+            write_meta(meta, out / f"{stem}.{metric}.meta.json")
+        result[metric] = {"rows": rows}
+    return result

@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from m2ib.errors import InputError
+from m2ib.core.errors import InputError
 
 
 def compare_tables(current: pd.DataFrame, reference: pd.DataFrame, by: Sequence[str], values: Sequence[str],

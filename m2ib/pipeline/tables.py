@@ -111,5 +111,12 @@ def write_table(table: pd.DataFrame, rows: pd.DataFrame, out_dir, stem: str, by,
     table.to_csv(paths["csv"], index=False, float_format="%.6g")
     rows.to_csv(paths["rows"], index=False, float_format="%.6g")
     paths["md"].write_text(to_markdown(table, by, values))
-    paths["meta"].write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+    write_meta(meta, paths["meta"])
     return paths
+
+
+def write_meta(meta: dict, path) -> Path:
+    """The metadata sidecar of a table (what produced it), as sorted JSON."""
+    path = Path(path)
+    path.write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+    return path

@@ -3,20 +3,12 @@ caption's tokens shaded by their scores."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-
-def denormalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """(3, H, W) preprocessed tensor -> (H, W, 3) float image in [0, 1]."""
-    img = pixels.detach().cpu().float() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
-    return img.clamp(0, 1).permute(1, 2, 0).numpy()
+from m2ib.core.figures import plt, save_figure
+from m2ib.core.maps import normalise_minmax_array
 
 
 def plot_pair(ax_img, ax_txt, image: np.ndarray, heatmap: Optional[np.ndarray], words, scores,
@@ -31,8 +23,7 @@ def plot_pair(ax_img, ax_txt, image: np.ndarray, heatmap: Optional[np.ndarray], 
     ax_img.axis("off")
     ax_txt.axis("off")
     if words:
-        s = np.asarray(scores, dtype=float)
-        s = (s - s.min()) / max(s.max() - s.min(), 1e-12)
+        s = normalise_minmax_array(scores)
         x = 0.0
         for word, v in zip(words, s):
             ax_txt.text(x, 0.5, word, fontsize=8, va="center",
@@ -41,24 +32,11 @@ def plot_pair(ax_img, ax_txt, image: np.ndarray, heatmap: Optional[np.ndarray], 
         ax_txt.set_xlim(0, max(x, 1.0))
 
 
-def save_figure(fig, path, dpi: int = 110) -> Path:
-    """Write a matplotlib figure (parent folders created) and free it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
-
-
 def method_grid(path, adapter, samples, attributions: dict, n: int = 4) -> Path:
     """Rows = methods, columns = the first n samples: each image with the method's heatmap and true
     boxes, the caption's word tokens shaded by the method's token scores underneath."""
     samples = samples[:n]
-    pixels = adapter.preprocess([s.image for s in samples])
-    cfg = getattr(adapter.visual, "preprocess_cfg", {}) if hasattr(adapter, "visual") else {}
-    mean = cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))
-    std = cfg.get("std", (0.26862954, 0.26130258, 0.27577711))
-    images = [denormalise(p, mean, std) for p in pixels]
+    images = adapter.to_display(adapter.preprocess([s.image for s in samples]))
     boxes = [adapter.box_to_input_frame(s.boxes, s.image.size) for s in samples]
     rows = len(attributions)
     fig, axes = plt.subplots(2 * rows, len(samples), figsize=(2.4 * len(samples), 2.9 * rows),

@@ -13,7 +13,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from m2ib.bottleneck import M2IBConfig, capacity, pair_generators
+from m2ib.method.bottleneck import M2IBConfig, pair_generators
 
 
 def _text_blocks(model):
@@ -27,6 +27,8 @@ def reference_pair(model, pixels: torch.Tensor, ids: torch.Tensor, eot: int, con
     model: an open_clip CLIP; pixels (1, 3, H, W); ids (1, context) padded token ids; eot: EOT index.
     Noise comes from the same per-pair generators as the fast path, so both can be compared exactly.
     """
+    if any(v is None for m in modalities for v in (config.for_modality(m).layer, config.for_modality(m).beta)):
+        raise ValueError("reference_pair needs explicit layers and betas (M2IBConfig.with_model_defaults)")
     model = copy.deepcopy(model).eval()
     for p in model.parameters():
         p.requires_grad_(True)
@@ -45,7 +47,8 @@ def reference_pair(model, pixels: torch.Tensor, ids: torch.Tensor, eot: int, con
                                                                device=r.device))
                 state["opt"] = torch.optim.Adam([state["alpha"]], lr=hp.lr)
             lam = torch.sigmoid(state["alpha"]).expand_as(r)
-            state["kl"] = capacity(lam, r)
+            # KL(N(lam r, (1 - lam)^2) || N(0, 1)), written independently of bottleneck.capacity
+            state["kl"] = 0.5 * ((1 - lam) ** 2 + (lam * r) ** 2 - 1) - torch.log(1 - lam)
             eps = torch.randn(r.shape, generator=gen, device=r.device)
             z = lam * r + (1 - lam) * eps
             return torch.cat([z, output[:, n:]], dim=1)

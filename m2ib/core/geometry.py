@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from m2ib.errors import InputError
+from m2ib.core.errors import InputError
 
 
 def resize_crop_params(original_size: tuple[int, int], target_size: tuple[int, int], mode: str = "shortest"):

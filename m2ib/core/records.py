@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from m2ib.core.errors import InputError
+
 
 @dataclass
 class Sample:
@@ -54,6 +56,13 @@ class TextBatch:
         return TextBatch(self.ids.to(device), self.eot.to(device), self.tokens,
                          self.word_mask.to(device), self.truncated, self.captions)
 
+    def with_blanks(self, drop: torch.Tensor, blank_token_id: int) -> "TextBatch":
+        """The batch with the word tokens where drop (B, T) is True replaced by blank_token_id: the one
+        way every method and metric removes words (start/end of text and padding are never touched)."""
+        drop = drop.to(self.word_mask.device).bool() & self.word_mask.bool()
+        ids = torch.where(drop, torch.full_like(self.ids, int(blank_token_id)), self.ids)
+        return TextBatch(ids, self.eot, self.tokens, self.word_mask, self.truncated, self.captions)
+
     def select(self, index) -> "TextBatch":
         """Rows `index` (list of ints) as a new batch."""
         idx = torch.as_tensor(index, dtype=torch.long)
@@ -86,7 +95,6 @@ class Attribution:
             value = getattr(self, name)
             if value is not None and not torch.isfinite(value).all():
                 bad = (~torch.isfinite(value.reshape(value.shape[0], -1))).any(1).nonzero().flatten().tolist()
-                from m2ib.errors import InputError
                 raise InputError(f"{self.method}: non-finite {name} attribution for batch rows {bad}")
 
     def __len__(self) -> int:
@@ -103,3 +111,39 @@ class Attribution:
         """(token, score) for the real word tokens of one row, in order."""
         mask = self.token_mask[row]
         return [(self.tokens[row][j], float(self.text[row, j])) for j in mask.nonzero().flatten().tolist()]
+
+
+def _concat_meta(values: list):
+    """Per-row meta of several batches as one: lists joined, per-row tensors concatenated (2-D ones
+    padded to the widest), anything else kept as the list of per-batch values."""
+    if all(isinstance(v, list) for v in values):
+        return [x for v in values for x in v]
+    if all(isinstance(v, torch.Tensor) and v.dim() >= 1 for v in values):
+        if all(v.dim() == 2 for v in values):
+            width = max(v.shape[1] for v in values)
+            values = [torch.nn.functional.pad(v, (0, width - v.shape[1])) for v in values]
+        if len({v.shape[1:] for v in values}) == 1:
+            return torch.cat([v.cpu() for v in values])
+    return values
+
+
+def concat_attributions(parts: list[Attribution]) -> Attribution:
+    """Join per-batch Attributions of one method (rows in order). Text maps may differ in width."""
+    if not parts:
+        raise InputError("nothing to concatenate")
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(name):
+        values = [getattr(p, name) for p in parts]
+        if any(v is None for v in values):
+            return None
+        if name in ("text", "token_mask"):
+            width = max(v.shape[1] for v in values)
+            values = [torch.nn.functional.pad(v, (0, width - v.shape[1])) for v in values]
+        return torch.cat([v.cpu() for v in values])
+
+    meta = {k: _concat_meta([p.meta.get(k) for p in parts]) for k in parts[0].meta}
+    return Attribution(method=parts[0].method, image=cat("image"), text=cat("text"),
+                       tokens=[t for p in parts for t in p.tokens], token_mask=cat("token_mask"),
+                       seconds=sum(p.seconds for p in parts), meta=meta)

@@ -1,4 +1,4 @@
-"""What every baseline shares: the explained scalar, input checks, hyperparameters and the text helpers.
+"""What every baseline shares: the explained scalar, hyperparameter checks and the text helpers.
 
 The explained scalar
 --------------------
@@ -15,53 +15,22 @@ is held fixed. Each method only calls the ModelAdapter interface, never model in
 from __future__ import annotations
 
 import abc
-import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from m2ib.attributor import Attributor
-from m2ib.errors import InputError, UnsupportedError
-from m2ib.models.base import MODALITIES
-from m2ib.types import Attribution, TextBatch
-
-#: Hyperparameters every baseline accepts, besides its own `defaults`.
-COMMON_DEFAULTS: dict[str, Any] = {
-    "modalities": ("image", "text"),   # which maps to compute; the other one is None
-    "progress": True,                  # tqdm bars on the per-pair loops
-}
+from m2ib.core.attributor import Attributor
+from m2ib.core.errors import InputError, UnsupportedError
+from m2ib.core.records import TextBatch
 
 
 class Baseline(Attributor):
-    """An Attributor built from two per-modality functions, with shared checks, masking and timing.
-
-    Subclasses set `defaults` (documented hyperparameters, overridable as constructor kwargs, which
-    is where the Hydra config lands) and implement `explain_image` / `explain_text`.
+    """An Attributor built from two per-modality functions; checks, masking, timing and meta come from
+    the Attributor template. Subclasses set `defaults` (documented hyperparameters, overridable as
+    constructor kwargs, which is where the Hydra config lands) and implement `explain_image` /
+    `explain_text`.
     """
-
-    defaults: dict[str, Any] = {}
-
-    def __init__(self, adapter, **hparams):
-        known = {**COMMON_DEFAULTS, **self.defaults}
-        unknown = sorted(set(hparams) - set(known))
-        if unknown:
-            raise InputError(f"method {self.name!r}: unknown hyperparameter(s) {unknown}; "
-                             f"known: {sorted(known)}")
-        merged = {**known, **hparams}
-        super().__init__(adapter, **merged)
-        mods = merged["modalities"]
-        mods = (mods,) if isinstance(mods, str) else tuple(mods)
-        bad = [m for m in mods if m not in MODALITIES]
-        if bad or not mods:
-            raise InputError(f"method {self.name!r}: modalities must be a non-empty subset of "
-                             f"{MODALITIES}, got {merged['modalities']!r}")
-        self.modalities = mods
-        self.check_hparams()
-
-    # ---- to implement -------------------------------------------------------------------------
-    def check_hparams(self) -> None:
-        """Raise InputError for a hyperparameter value that cannot work (called once, at init)."""
 
     @abc.abstractmethod
     def explain_image(self, pixels: torch.Tensor, text: TextBatch, seeds: Sequence[int]) -> torch.Tensor:
@@ -69,29 +38,12 @@ class Baseline(Attributor):
 
     @abc.abstractmethod
     def explain_text(self, pixels: torch.Tensor, text: TextBatch, seeds: Sequence[int]) -> torch.Tensor:
-        """(B, T) scores on the TextBatch positions (masked to word tokens by the caller)."""
+        """(B, T) scores on the TextBatch positions (masked to word tokens by the template)."""
 
-    # ---- the shared entry point -----------------------------------------------------------------
-    def attribute(self, pixels: torch.Tensor, text: TextBatch, seeds: Sequence[int]) -> Attribution:
-        seeds = check_batch(self.adapter, pixels, text, seeds, self.name)
-        start = time.perf_counter()
-        image = text_scores = None
-        if "image" in self.modalities:
-            image = self.explain_image(pixels, text, seeds).detach().float()
-            expect = (pixels.shape[0], *self.adapter.image_size)
-            if tuple(image.shape) != expect:
-                raise RuntimeError(f"{self.name}: image map has shape {tuple(image.shape)}, expected {expect}")
-        if "text" in self.modalities:
-            text_scores = self.explain_text(pixels, text, seeds).detach().float()
-            if tuple(text_scores.shape) != tuple(text.ids.shape):
-                raise RuntimeError(f"{self.name}: text scores have shape {tuple(text_scores.shape)}, "
-                                   f"expected {tuple(text.ids.shape)}")
-            text_scores = text_scores * text.word_mask.to(text_scores.device)
-        seconds = time.perf_counter() - start
-        return Attribution(method=self.name, image=image, text=text_scores, tokens=text.tokens,
-                           token_mask=text.word_mask, seconds=seconds,
-                           meta={"hparams": {k: v for k, v in self.hparams.items() if k != "progress"},
-                                 "seeds": list(seeds)})
+    def explain(self, pixels, text, seeds):
+        image = self.explain_image(pixels, text, seeds) if "image" in self.modalities else None
+        scores = self.explain_text(pixels, text, seeds) if "text" in self.modalities else None
+        return image, scores, {}
 
     def pairs(self, n: int, what: str) -> Iterable[int]:
         """range(n) with a progress bar (per-pair loops of the perturbation methods are long)."""
@@ -100,31 +52,7 @@ class Baseline(Attributor):
                     disable=True if off else None)   # None: only on a terminal, not in logs
 
 
-# ---- input checks ---------------------------------------------------------------------------------
-def check_batch(adapter, pixels, text, seeds, method: str) -> list[int]:
-    """Reject a batch whose parts do not fit together, naming the offending input."""
-    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or pixels.shape[1] != 3:
-        shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-        raise InputError(f"{method}: pixels must be a (B, 3, H, W) tensor, got {shape}")
-    if tuple(pixels.shape[-2:]) != tuple(adapter.image_size):
-        raise InputError(f"{method}: pixels are {tuple(pixels.shape[-2:])} but model {adapter.name} "
-                         f"expects preprocessed images of {tuple(adapter.image_size)}; use adapter.preprocess")
-    if not isinstance(text, TextBatch):
-        raise InputError(f"{method}: text must be a TextBatch (adapter.tokenize), got {type(text).__name__}")
-    if len(text) != pixels.shape[0]:
-        raise InputError(f"{method}: {pixels.shape[0]} images but {len(text)} captions")
-    seeds = list(seeds)
-    if len(seeds) != pixels.shape[0]:
-        raise InputError(f"{method}: {pixels.shape[0]} pairs need {pixels.shape[0]} seeds (one per pair), "
-                         f"got {len(seeds)}")
-    for i, s in enumerate(seeds):
-        if isinstance(s, bool) or not isinstance(s, int) and not (hasattr(s, "__index__")):
-            raise InputError(f"{method}: seed of pair {i} must be an integer, got {s!r}")
-        if not 0 <= int(s) < 2 ** 63:
-            raise InputError(f"{method}: seed of pair {i} must be in [0, 2**63), got {s!r}")
-    return [int(s) for s in seeds]
-
-
+# ---- hyperparameter checks (no model needed) -----------------------------------------------------
 def positive_int(method: str, name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InputError(f"method {method!r}: hyperparameter {name} must be a positive integer, got {value!r}")
@@ -135,12 +63,6 @@ def probability(method: str, name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
         raise InputError(f"method {method!r}: hyperparameter {name} must be in (0, 1), got {value!r}")
     return float(value)
-
-
-def generator(seed: int) -> torch.Generator:
-    """A CPU generator for one pair: random draws happen on the CPU so a pair's masks are the same
-    on every device and in every batch."""
-    return torch.Generator(device="cpu").manual_seed(int(seed))
 
 
 # ---- the explained scalar -------------------------------------------------------------------------
@@ -189,14 +111,6 @@ def embedding_score_fn(adapter, text: TextBatch, image_emb: torch.Tensor) -> Cal
     return score
 
 
-def with_blanks(adapter, text: TextBatch, keep: torch.Tensor) -> TextBatch:
-    """`text` with the word tokens where keep is False replaced by adapter.blank_token_id (start
-    and end of text and padding are never touched). keep: (B, T) bool."""
-    drop = text.word_mask & ~keep.to(text.word_mask.device)
-    ids = torch.where(drop, torch.full_like(text.ids, adapter.blank_token_id), text.ids)
-    return TextBatch(ids, text.eot, text.tokens, text.word_mask, text.truncated, text.captions)
-
-
 def word_positions(text: TextBatch, row: int) -> torch.Tensor:
     """Indices of the real word tokens of one row."""
     return text.word_mask[row].nonzero().flatten()
@@ -215,7 +129,7 @@ def presence_text_fn(adapter, text: TextBatch, image_emb: torch.Tensor) -> Calla
         batch = repeat_rows(text, rows)
         keep = torch.ones_like(batch.ids, dtype=torch.bool)
         keep[:, words] = presence.to(keep.device) > 0.5
-        emb = adapter.encode_text(with_blanks(adapter, batch, keep))
+        emb = adapter.encode_text(batch.with_blanks(~keep, adapter.blank_token_id))
         return (emb * image_emb.expand(rows, -1)).sum(-1)
     return score
 

@@ -16,22 +16,24 @@ Two estimator modes:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
 import torch
 
-from m2ib.errors import InputError
+from m2ib.core.errors import InputError
 
 MODES = ("release", "normalized")
 
 
 @dataclass(frozen=True)
 class ModalityConfig:
-    """Hyperparameters of one modality's bottleneck (defaults: the release's ViT-B/32 CC setting)."""
+    """Hyperparameters of one modality's bottleneck (defaults: the release's). layer and beta None mean
+    "the model's own" (ModelAdapter.default_m2ib_settings), filled in by with_model_defaults."""
 
-    layer: int = 9
-    beta: float = 0.1
+    layer: Optional[int] = None
+    beta: Optional[float] = None
     var: float = 1.0
     steps: int = 10
     copies: int = 10
@@ -43,11 +45,15 @@ class ModalityConfig:
             raise InputError(f"m2ib {modality}: {msg}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            if value is None and f.type.startswith("Optional"):
+                continue
+            if "int" in f.type and (isinstance(value, bool) or not isinstance(value, int)):
                 bad(f"{f.name} must be an integer, got {value!r}")
-            if f.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            if "float" in f.type and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 bad(f"{f.name} must be a number, got {value!r}")
-        if self.beta < 0:
+            if "float" in f.type and not math.isfinite(value):
+                bad(f"{f.name} must be finite, got {value!r}")
+        if self.beta is not None and self.beta < 0:
             bad(f"beta must be >= 0, got {self.beta}")
         if not self.var > 0:
             bad(f"var must be > 0, got {self.var}")
@@ -98,6 +104,18 @@ class M2IBConfig:
 
     def for_modality(self, modality: str) -> ModalityConfig:
         return self.image if modality == "image" else self.text
+
+    def with_model_defaults(self, settings: dict) -> "M2IBConfig":
+        """Layers and betas left None taken from a model's M2IB settings (image_/text_ layer and beta)."""
+        def fill(m, hp):
+            return replace(hp, **{k: settings[f"{m}_{k}"] for k in ("layer", "beta") if getattr(hp, k) is None})
+        return replace(self, image=fill("image", self.image), text=fill("text", self.text)).validate()
+
+    def as_flat(self) -> dict:
+        """The flat keyword form (image_layer=..., text_beta=..., mode, amp): what caches and tables record."""
+        out = {f"{m}_{f.name}": getattr(self.for_modality(m), f.name) for m in ("image", "text")
+               for f in fields(ModalityConfig)}
+        return {**out, "mode": self.mode, "amp": self.amp}
 
 
 def capacity(lam: torch.Tensor, r: torch.Tensor, noise_var: float = 1.0) -> torch.Tensor:

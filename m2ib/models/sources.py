@@ -1,0 +1,294 @@
+"""Model loading in two steps: resolve(name, pretrained) -> ModelSource, then build(source) -> adapter.
+
+name (config key `model.name`):
+  - an open_clip config name: built-in ('ViT-B-32', 'ViT-B-16', 'ViT-L-14', ...) or one of this
+    project's configs in m2ib/model_configs/ (registered here);
+  - 'hf-hub:org/repo' (config + weights from the Hugging Face Hub, e.g. BiomedCLIP);
+  - 'local-dir:/path' (a folder with open_clip_config.json and a weights file).
+pretrained (config key `model.pretrained`):
+  - None: random weights drawn from `seed` (tests, sanity baselines);
+  - 'embedded': the committed embedded-benchmark checkpoint (sha256 checked; models/embedded.py);
+  - an open_clip tag such as 'openai' (weights from the HF Hub cache);
+  - a path to a local checkpoint file (e.g. a CLIP fine-tuned on chest X-rays); with an 'hf-hub:'
+    or 'local-dir:' name the file replaces that model's weights.
+
+Each kind of source is one entry of MODEL_SOURCES (a matcher and a resolver); resolving checks
+everything that can be checked without building (names, tags, files, hashes) and carries the model's
+description: its identity (the attribution cache's key) and its M2IB defaults (M2IB_SETTINGS), which
+explain() and Hydra runs both use. The adapter family is picked from the BUILT model, not the name.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from m2ib.core.errors import InputError, ModelUnavailableError, UnsupportedError
+from m2ib.core.registry import Registry
+from m2ib.models import embedded, offline
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
+_registered = False
+
+#: Published M2IB settings per model (Wang et al. 2023): ViT-B/32 on Conceptual Captions layers 9/9,
+#: beta 0.1/0.1; the MS-CXR model (BiomedCLIP) 9/7, beta 1/1. Others follow the rule in
+#: ModelAdapter.default_m2ib_settings.
+M2IB_SETTINGS = {
+    "ViT-B-32": {"image_layer": 9, "text_layer": 9, "image_beta": 0.1, "text_beta": 0.1},
+    "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224":
+        {"image_layer": 9, "text_layer": 7, "image_beta": 1.0, "text_beta": 1.0},
+    embedded.EMBEDDED_MODEL_NAME: embedded.M2IB_SETTINGS,
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Everything needed to build a model, resolved and checked before any weights are read."""
+
+    kind: str                           # the MODEL_SOURCES entry that resolved it
+    name: str
+    pretrained: Optional[str]
+    checkpoint: Optional[str] = None    # a local weights file to load
+    tag_cfg: Optional[dict] = None      # open_clip's description of a pretrained tag
+    model_cfg: Optional[dict] = None
+    needs_hub: bool = False
+    create_kwargs: dict = field(default_factory=dict)
+    sha256: Optional[str] = None
+    m2ib_defaults: dict = field(default_factory=dict)
+
+    def identity(self) -> dict:
+        """What the attribution cache keys a model by."""
+        return {"name": self.name, "pretrained": self.pretrained, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    matches: Callable[[str, Optional[str]], bool]
+    resolve: Callable[[str, Optional[str]], ModelSource]
+    priority: int                       # lower is tried first
+
+
+MODEL_SOURCES: Registry[SourceKind] = Registry("model source")
+
+
+def register_source(kind: str, matches, priority: int):
+    def wrap(fn):
+        MODEL_SOURCES.register(kind, SourceKind(matches, fn, priority))
+        return fn
+    return wrap
+
+
+def register_project_configs() -> None:
+    """Make the project's small open_clip configs (m2ib/model_configs/*.json) known to open_clip."""
+    global _registered
+    if not _registered:
+        import open_clip
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+# ---- resolution ------------------------------------------------------------------------------------------
+def resolve(name: str, pretrained: Optional[str] = None) -> ModelSource:
+    """The source of (name, pretrained): checked, with the model's description attached."""
+    register_project_configs()
+    if not isinstance(name, str) or not name.strip():
+        raise InputError(f"model.name must be a non-empty string, got {name!r}")
+    if pretrained is not None and (not isinstance(pretrained, str) or not pretrained.strip()):
+        raise InputError(f"model.pretrained must be null, an open_clip tag or a file path, got {pretrained!r}")
+    kinds = sorted(((k, MODEL_SOURCES.get(k)) for k in MODEL_SOURCES.names()), key=lambda kv: kv[1].priority)
+    kind, entry = next((k, e) for k, e in kinds if e.matches(name, pretrained))
+    source = entry.resolve(name, pretrained)
+    return replace(source, kind=kind, m2ib_defaults=dict(M2IB_SETTINGS.get(name, {})))
+
+
+def _checkpoint(name: str, pretrained: Optional[str]) -> Optional[str]:
+    if not pretrained:
+        return None
+    path = os.path.expanduser(pretrained)
+    if not Path(path).is_file():
+        raise ModelUnavailableError(offline.missing_file_message(name, path))
+    return path
+
+
+def _sha256(path: Optional[str]) -> Optional[str]:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+
+
+def _hub_text_repos(model_cfg: dict) -> list[str]:
+    """Hub repos an HF text tower reads at build time (not local folders)."""
+    text = (model_cfg or {}).get("text_cfg", {})
+    return [r for r in {text.get("hf_model_name"), text.get("hf_tokenizer_name")} if r and not Path(r).exists()]
+
+
+def _read_config(name: str) -> Optional[dict]:
+    import open_clip
+    try:
+        return open_clip.get_model_config(name)
+    except Exception:   # hub/local-dir configs that are not reachable yet: handled by the builder
+        return None
+
+
+@register_source("embedded", lambda name, pretrained: pretrained == "embedded", priority=0)
+def _resolve_embedded(name: str, pretrained: Optional[str]) -> ModelSource:
+    if name != embedded.EMBEDDED_MODEL_NAME:
+        raise InputError(f"model.pretrained=embedded is the committed checkpoint of {embedded.EMBEDDED_MODEL_NAME!r}, "
+                         f"not of {name!r}")
+    sha = embedded.verify_checkpoint()
+    return ModelSource("embedded", name, pretrained, checkpoint=str(embedded.CHECKPOINT),
+                       model_cfg=_read_config(name), sha256=sha,
+                       create_kwargs={"pretrained_text": False, "pretrained_image": False})
+
+
+@register_source("hf-hub", lambda name, pretrained: name.startswith("hf-hub:"), priority=1)
+def _resolve_hub(name: str, pretrained: Optional[str]) -> ModelSource:
+    ckpt = _checkpoint(name, pretrained)
+    return ModelSource("hf-hub", name, pretrained, checkpoint=ckpt, needs_hub=True, sha256=_sha256(ckpt))
+
+
+@register_source("local-dir", lambda name, pretrained: name.startswith("local-dir:"), priority=1)
+def _resolve_local_dir(name: str, pretrained: Optional[str]) -> ModelSource:
+    ckpt = _checkpoint(name, pretrained)
+    folder = Path(name[len("local-dir:"):]).expanduser()
+    if not (folder / "open_clip_config.json").is_file():
+        raise ModelUnavailableError(
+            f"model.name={name!r}: {folder}/open_clip_config.json does not exist. Put the model folder "
+            f"(open_clip_config.json + open_clip_model.safetensors, and the tokenizer files for an HF text "
+            f"tower) at {folder}, e.g. `huggingface-cli download ORG/REPO --local-dir {folder}` on a "
+            f"connected machine, or change model.name")
+    model_cfg = _read_config(name)
+    return ModelSource("local-dir", name, pretrained, checkpoint=ckpt, model_cfg=model_cfg,
+                       needs_hub=bool(_hub_text_repos(model_cfg)), sha256=_sha256(ckpt))
+
+
+@register_source("open_clip", lambda name, pretrained: True, priority=9)
+def _resolve_open_clip(name: str, pretrained: Optional[str]) -> ModelSource:
+    import open_clip
+    ckpt = _checkpoint(name, pretrained) if pretrained and offline.looks_like_path(pretrained) else None
+    if name not in open_clip.list_models():
+        ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+        raise InputError(
+            f"unknown model.name {name!r}: not an open_clip config (see open_clip.list_models()), nor one of "
+            f"this project's configs {ours}; hub models are named 'hf-hub:org/repo'")
+    model_cfg = _read_config(name)
+    _refuse_unsupported_config(name, model_cfg)
+    kwargs: dict = {}
+    tag_cfg = None
+    if pretrained and ckpt is None:
+        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        if not tag_cfg:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise InputError(f"model.pretrained={pretrained!r} is neither a known open_clip tag for {name} "
+                             f"(known: {tags or 'none'}) nor an existing checkpoint file")
+        # open_clip 3.x only warns on a QuickGELU mismatch (e.g. ViT-B-32 + 'openai'): silently
+        # wrong embeddings. Use the activation the weights were trained with.
+        if tag_cfg.get("quick_gelu", False) and not (model_cfg or {}).get("quick_gelu", False):
+            kwargs["force_quick_gelu"] = True
+    else:   # random weights, or a local file loaded by build: never fetch tower weights
+        kwargs.update(pretrained_text=False, pretrained_image=False)
+    return ModelSource("open_clip", name, pretrained, checkpoint=ckpt, tag_cfg=tag_cfg, model_cfg=model_cfg,
+                       needs_hub=tag_cfg is not None or bool(_hub_text_repos(model_cfg)), create_kwargs=kwargs,
+                       sha256=_sha256(ckpt))
+
+
+def _refuse_unsupported_config(name: str, model_cfg: Optional[dict]) -> None:
+    """Refuse a ResNet image tower from its config alone, before any weights are downloaded."""
+    vision = (model_cfg or {}).get("vision_cfg", {})
+    if isinstance(vision.get("layers"), (list, tuple)) and not vision.get("timm_model_name"):
+        raise UnsupportedError(_RESNET_MESSAGE.format(name=name, tower="ModifiedResNet"))
+
+
+_RESNET_MESSAGE = (
+    "{name}: the image tower is a convolutional network ({tower}), not a ViT. The adapters here need patch "
+    "tokens and transformer blocks (prefix/suffix at block l, attention, token grid); an open_clip ResNet "
+    "adapter (hidden state after a residual stage, its spatial grid, the attention pool as the last step) "
+    "is not implemented yet. Use a ViT model (e.g. ViT-B-32, ViT-B-16).")
+
+
+def pick_adapter_class(model, name: str):
+    """The adapter family for a built open_clip model, or UnsupportedError naming what is missing."""
+    from open_clip.transformer import TextTransformer, VisionTransformer
+    from m2ib.models.open_clip_hf import OpenClipHFAdapter
+    from m2ib.models.open_clip_vit import OpenClipViTAdapter
+    visual = getattr(model, "visual", None)
+    text = getattr(model, "text", None)
+    vision_kind = type(visual).__name__
+    if text is None and hasattr(model, "transformer"):
+        text_kind = "TextTransformer"          # open_clip CLIP keeps its text modules inline
+    else:
+        text_kind = type(text).__name__
+    if isinstance(visual, VisionTransformer) and (text_kind == "TextTransformer" or isinstance(text, TextTransformer)):
+        return OpenClipViTAdapter
+    is_timm_vit = vision_kind == "TimmModel" and hasattr(getattr(visual, "trunk", None), "patch_embed") \
+        and hasattr(visual.trunk, "blocks")
+    if is_timm_vit and text_kind == "HFTextEncoder":
+        return OpenClipHFAdapter
+    if vision_kind == "ModifiedResNet" or (vision_kind == "TimmModel" and not is_timm_vit):
+        trunk = type(getattr(visual, "trunk", visual)).__name__
+        raise UnsupportedError(_RESNET_MESSAGE.format(name=name, tower=trunk))
+    raise UnsupportedError(
+        f"{name}: no adapter for image tower {vision_kind} + text tower {text_kind}. Supported: open_clip "
+        f"VisionTransformer + open_clip TextTransformer (OpenClipViTAdapter), and timm VisionTransformer "
+        f"(TimmModel) + HF BERT (HFTextEncoder) (OpenClipHFAdapter).")
+
+
+# ---- building ----------------------------------------------------------------------------------------------
+def build(source: ModelSource, device: str = "cpu", seed: int = 0, cache_dir: Optional[str] = None):
+    """The adapter of a resolved source. Random initialisation draws from `seed` without touching the
+    caller's global RNG state. cache_dir: Hugging Face cache (default: HF_HOME)."""
+    import open_clip
+
+    name, hub_schema = source.name, source.kind in ("hf-hub", "local-dir")
+    model_cfg = source.model_cfg
+    is_offline = source.needs_hub and (offline.env_offline() or not offline.hub_reachable())
+    reason = "offline: HF_HUB_OFFLINE is set" if offline.env_offline() else "offline: huggingface.co is unreachable"
+    kwargs = dict(source.create_kwargs)
+    try:
+        with offline.hub_offline_mode(is_offline), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if hub_schema and model_cfg is None:
+                try:   # reads open_clip_config.json (cache only when offline)
+                    model_cfg = _read_config(name) if source.kind == "local-dir" else \
+                        open_clip.factory._get_hf_config(name[len("hf-hub:"):], cache_dir=cache_dir).get("model_cfg")
+                except Exception as exc:
+                    raise ModelUnavailableError(offline.hub_message(name, cache_dir, reason if is_offline else str(exc))) from exc
+            _refuse_unsupported_config(name, model_cfg)
+            if hub_schema:
+                if source.checkpoint is not None:
+                    kwargs.update(load_weights=False, pretrained_text=False, pretrained_image=False)
+                else:   # open_clip would otherwise fall back to RANDOM weights with only a log line
+                    kwargs["require_pretrained"] = True
+            pretrained_arg = None if hub_schema else (source.checkpoint or source.pretrained)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained_arg, device="cpu", cache_dir=cache_dir, **kwargs)
+            if hub_schema and source.checkpoint is not None:
+                open_clip.load_checkpoint(model, source.checkpoint)
+            tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
+    except (ModelUnavailableError, UnsupportedError, InputError):
+        raise
+    except Exception as exc:   # download/cache/checkpoint failures of open_clip, huggingface_hub, transformers
+        why = reason if is_offline else f"{type(exc).__name__}: {exc}"
+        if source.checkpoint is not None and not is_offline:
+            raise ModelUnavailableError(
+                f"could not load checkpoint file {source.checkpoint} into model {name!r}: {type(exc).__name__}: {exc}\n"
+                f"Check that model.pretrained points at weights for this architecture (model.name).") from exc
+        if source.tag_cfg is not None:
+            raise ModelUnavailableError(offline.tag_message(name, source.pretrained, source.tag_cfg, cache_dir, why)) from exc
+        if source.kind == "hf-hub":
+            raise ModelUnavailableError(offline.hub_message(name, cache_dir, why, _hub_text_repos(model_cfg))) from exc
+        if source.needs_hub:
+            raise ModelUnavailableError(offline.tower_message(name, _hub_text_repos(model_cfg), why)) from exc
+        raise ModelUnavailableError(f"could not build model.name={name!r}: {type(exc).__name__}: {exc}") from exc
+    adapter = pick_adapter_class(model, name)(model, preprocess, tokenizer, name=name, device=device)
+    adapter.m2ib_defaults = dict(source.m2ib_defaults)
+    adapter.source = source
+    return adapter
+
+
+def load_adapter(name: str = "m2ib-tiny-vit", pretrained: Optional[str] = None, device: str = "cpu",
+                 seed: int = 0, cache_dir: Optional[str] = None):
+    """build(resolve(name, pretrained)): an adapter for `name` with weights from `pretrained`."""
+    return build(resolve(name, pretrained), device=device, seed=seed, cache_dir=cache_dir)
