@@ -7,9 +7,12 @@ MODEL   ?= embedded
 DATA    ?= embedded
 ARGS    ?=
 RUN     := $(PYTHON) scripts/run.py model=$(MODEL) data=$(DATA)
+# Published tables (results/) come only from these targets, from a clean git tree (publish=true);
+# ad hoc `scripts/run.py` runs write under runs/ (git-ignored).
+PUBLISH := $(RUN) publish=true
 
-.PHONY: install test reproduce-table1 reproduce-table2 sweep regression regression-reference \
-        bench bench-baselines embedded-model clean
+.PHONY: install test reproduce-table1 reproduce-table2 reproduce-sanity reproduce-sweep sweep regression \
+        regression-reference bench bench-baselines embedded-model clean
 
 install: $(STAMP)
 
@@ -25,23 +28,32 @@ test: $(STAMP)
 
 ## Table 1 (confidence drop/increase, all methods, both modalities). Real data: MODEL=vit_b32_openai DATA=cc
 reproduce-table1: $(STAMP)
-	$(RUN) experiment=table1 $(ARGS)
+	$(PUBLISH) experiment=table1 $(ARGS)
 
 ## Table 2 (zero-shot detection IoU and friends, ROAR+).
 reproduce-table2: $(STAMP)
-	$(RUN) experiment=table2 $(ARGS)
+	$(PUBLISH) experiment=table2 $(ARGS)
 
-## Multirun over beta / var / layer on the embedded set, collected into results/sweep/ with heatmaps.
+## Sanity checks (cascading randomisation): per-layer tables and curves.
+reproduce-sanity: $(STAMP)
+	$(PUBLISH) experiment=sanity $(ARGS)
+
+## Multirun over beta / var / layer on the embedded set, collected with heatmaps into runs/sweep-tables/
+## (make sweep) or into the published results/sweep/ (make reproduce-sweep).
 sweep: $(STAMP)
 	$(PYTHON) scripts/run.py --multirun model=$(MODEL) data=$(DATA) experiment=sweep $(ARGS)
 	$(PYTHON) scripts/collect_sweep.py
+
+reproduce-sweep: $(STAMP)
+	$(PYTHON) scripts/run.py --multirun model=$(MODEL) data=$(DATA) experiment=sweep $(ARGS)
+	$(PYTHON) scripts/collect_sweep.py --out results/sweep --publish
 
 ## The CI metric-regression check alone, and regenerating its committed reference (say why in the commit).
 regression: $(STAMP)
 	$(PYTHON) -m pytest -q tests/test_regression.py
 
 regression-reference: $(STAMP)
-	$(PYTHON) scripts/run.py experiment=regression cache_dir=$$(mktemp -d) progress=false
+	$(PYTHON) scripts/run.py experiment=regression publish=true cache_dir=$$(mktemp -d) progress=false
 
 ## Speed: fast M2IB vs the plain release algorithm (ratio measured in one run); baselines' cost per pair.
 bench: $(STAMP)

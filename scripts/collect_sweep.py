@@ -1,11 +1,13 @@
 """Join the runs of a Hydra multirun into one table and draw one heatmap per metric.
 
     python scripts/collect_sweep.py runs/multirun/sweep/<date>   # default: the newest sweep
-Writes <out>/sweep.csv, sweep.md and sweep-<metric>-<modality>.png (out default: results/sweep).
+Writes <out>/sweep.csv, sweep.md, sweep-<metric>-<modality>.png and sweep.meta.json (out default:
+runs/sweep-tables; `make reproduce-sweep` publishes into results/sweep with --publish, from a clean tree).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -16,7 +18,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from m2ib.core.errors import InputError
 from m2ib.core.metric import METRICS as _REGISTRY
+from m2ib.pipeline.cache import code_version
+from m2ib.pipeline.provenance import check_publishable, git_state, package_versions
+from m2ib.pipeline.tables import write_meta
 
 #: Every per-pair value column of every registered metric (own-table metrics such as sanity excluded).
 METRICS = [c for name in _REGISTRY.names() if _REGISTRY.get(name).table is None for c in _REGISTRY.get(name).columns]
@@ -88,8 +94,15 @@ def heatmaps(df: pd.DataFrame, swept: list[str], out: Path) -> list[Path]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep_dir", nargs="?")
-    p.add_argument("--out", default="results/sweep")
+    p.add_argument("--out", default="runs/sweep-tables")
+    p.add_argument("--publish", action="store_true", help="refuse unless the git tree is clean (or --allow-dirty)")
+    p.add_argument("--allow-dirty", action="store_true")
     args = p.parse_args(argv)
+    state = git_state()
+    try:
+        check_publishable({"publish": args.publish, "allow_dirty": args.allow_dirty}, state)
+    except InputError as exc:
+        raise SystemExit(f"error: {exc}")
     if args.sweep_dir:
         sweep_dir = Path(args.sweep_dir)
     else:
@@ -106,6 +119,10 @@ def main(argv=None):
     (out / "sweep.md").write_text(table.to_string(index=False, float_format=lambda v: f"{v:.4g}") + "\n")
     for path in heatmaps(df, swept, out):
         print("wrote", path)
+    jobs = sorted({json.loads(m.read_text())["result_identity"] for m in sweep_dir.glob("*/*.meta.json")})
+    write_meta({"sweep_dir": str(sweep_dir), "swept": swept, "job_identities": jobs, "git_commit": state["commit"],
+                "git_clean": not state["dirty_files"], "git_dirty_files": state["dirty_files"],
+                "code_version": code_version(), "packages": package_versions()}, out / "sweep.meta.json")
     print(f"wrote {out / 'sweep.csv'} ({len(df)} rows from {sweep_dir})")
 
 

@@ -1,6 +1,6 @@
 """Join the per-sample rows of a sharded run (data.shard=i data.num_shards=n) into one table.
 
-    python scripts/merge_shards.py results/table1/table1-ViT-B-32-cc-n1000
+    python scripts/merge_shards.py runs/tables/table1/table1-ViT-B-32-cc-n1000-<identity>
 (the stem without '-shard<i>of<n>'). Every shard must be present; writes <stem>.csv/.md/.rows.csv/.meta.json
 with the bootstrap intervals recomputed over all pairs.
 """
@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from m2ib.core.errors import InputError
 from m2ib.pipeline.experiment import GROUP_BY
+from m2ib.pipeline.provenance import check_overwrite
 from m2ib.core.metric import METRICS
 from m2ib.pipeline.tables import aggregate, write_table
 
@@ -39,8 +41,18 @@ def main(argv=None) -> int:
               for c in METRICS.get(name).columns if c in rows.columns]
     table = aggregate(rows, GROUP_BY, values, seed=args.seed)
     metas = [json.loads(s.with_name(s.name.replace(".rows.csv", ".meta.json")).read_text()) for s in shards]
-    meta = {"merged_from": [str(s) for s in shards], "n_samples": int(rows["sample_id"].nunique()),
-            "bootstrap_seed": args.seed, "shards": metas}
+    identities = {m.get("result_identity") for m in metas}
+    if len(identities) != 1:
+        print(f"error: the shards come from different configurations: {sorted(map(str, identities))}", file=sys.stderr)
+        return 2
+    identity = identities.pop()
+    try:
+        check_overwrite(stem.parent / f"{stem.name}.meta.json", identity)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    meta = {"result_identity": identity, "merged_from": [str(s) for s in shards],
+            "n_samples": int(rows["sample_id"].nunique()), "bootstrap_seed": args.seed, "shards": metas}
     paths = write_table(table, rows, stem.parent, stem.name, GROUP_BY, values, meta)
     print(paths["md"].read_text())
     return 0

@@ -17,11 +17,14 @@ log = logging.getLogger("m2ib")
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from m2ib.pipeline.experiment import run_experiment
+    from m2ib.pipeline.experiment import Interrupted, run_experiment
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         result = run_experiment(resolved, run_dir=run_dir)
+    except Interrupted as exc:            # Ctrl-C: one line saying what is kept
+        log.error("%s", exc)
+        sys.exit(130)
     except M2IBError as exc:              # a clear message, not a traceback
         log.error("%s", exc)
         if HydraConfig.get().mode == RunMode.MULTIRUN:

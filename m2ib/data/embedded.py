@@ -78,20 +78,71 @@ def write_split(split: str, out_dir, n: Optional[int] = None, seed: int = DATA_S
     return out
 
 
-def digest_split(split: str, folder) -> dict:
-    """What the manifest records for a split folder: text-file hashes and one hash over all pixels."""
+def _text_files(split: str, folder: Path) -> dict[str, Path]:
+    return {k: folder / f"{split}.{k}" for k in ("csv", "tsv", "text_gt.csv", "objects.jsonl")}
+
+
+def _image_hash(path: Path) -> str:
+    with Image.open(path) as im:
+        return pixel_sha256(np.asarray(im.convert("RGB")))
+
+
+def file_hashes(split: str, folder) -> dict[str, str]:
+    """Relative path -> hash for every file of a split folder: sha256 of the bytes of the text files,
+    of the decoded pixels of the images (so re-encoding a PNG losslessly is not a change)."""
     folder = Path(folder)
-    files = {k: folder / f"{split}.{k}" for k in ("csv", "tsv", "text_gt.csv", "objects.jsonl")}
-    for f in files.values():
+    out = {}
+    for f in _text_files(split, folder).values():
         if not f.is_file():
             raise DataUnavailableError(f"embedded split file {f} is missing")
+        out[f.name] = _sha256_file(f)
+    for p in sorted((folder / "images").glob("*.png")):
+        out[f"images/{p.name}"] = _image_hash(p)
+    return out
+
+
+def digest_split(split: str, folder, hashes: Optional[dict] = None) -> dict:
+    """What the manifest records for a split folder: text-file hashes and one hash over all pixels."""
+    hashes = hashes or file_hashes(split, folder)
     pixels = hashlib.sha256()
-    paths = sorted((folder / "images").glob("*.png"))
-    for p in paths:
-        with Image.open(p) as im:
-            pixels.update(pixel_sha256(np.asarray(im.convert("RGB"))).encode())
-    return {"n": len(paths), **{f"{k}_sha256": _sha256_file(f) for k, f in files.items()},
+    images = sorted(k for k in hashes if k.startswith("images/"))
+    for k in images:
+        pixels.update(hashes[k].encode())
+    return {"n": len(images), **{f"{k}_sha256": hashes[f.name] for k, f in _text_files(split, Path(folder)).items()},
             "pixels_sha256": pixels.hexdigest()}
+
+
+def _stat(path: Path) -> list:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _reverify(split: str, folder: Path, stamp: Path, expected: dict) -> bool:
+    """Whether the verified split in `folder` is unchanged. Cheap on reuse: only files whose size or
+    modification time differ from the stamp are hashed again; a file whose content changed (or is
+    missing, or was added) is an error naming it. Returns False when the stamp is of another manifest."""
+    record = json.loads(stamp.read_text())
+    if record.get("manifest") != expected or "files" not in record:
+        return False
+    changed, touched = [], False
+    for rel, (h, st) in record["files"].items():
+        path = folder / rel
+        if not path.is_file():
+            changed.append(f"{rel} (missing)")
+        elif _stat(path) != st:
+            if (_image_hash(path) if rel.startswith("images/") else _sha256_file(path)) != h:
+                changed.append(rel)
+            else:
+                record["files"][rel][1], touched = _stat(path), True
+    extra = sorted(f"images/{p.name}" for p in (folder / "images").glob("*.png"))
+    changed += [f"{rel} (added)" for rel in extra if rel not in record["files"]]
+    if changed:
+        raise InputError(f"embedded split {split!r} in {folder} was modified since it was generated and verified "
+                         f"against {DATA_MANIFEST}: {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}; "
+                         f"delete {folder} to regenerate it")
+    if touched:
+        stamp.write_text(json.dumps(record))
+    return True
 
 
 def read_manifest() -> dict:
@@ -112,22 +163,21 @@ def ensure_split(split: str, root: Optional[Path] = None, progress: bool = True)
                                    f"generator version {GENERATOR_VERSION}; run scripts/make_embedded_data.py --write-manifest")
     final = split_dir(split, root)
     stamp = final / ".verified.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == expected:
-        if _sha256_file(final / f"{split}.csv") != expected["csv_sha256"]:
-            raise InputError(f"{final / f'{split}.csv'} was modified (sha256 differs from {DATA_MANIFEST}); "
-                             f"delete {final} to regenerate it")
+    if stamp.is_file() and _reverify(split, final, stamp, expected):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=final.parent))
     try:
         write_split(split, tmp, progress=progress)
-        got = digest_split(split, tmp)
+        hashes = file_hashes(split, tmp)
+        got = digest_split(split, tmp, hashes)
         if got != expected:
             bad = sorted(k for k in expected if got.get(k) != expected.get(k))
             raise InputError(f"generated embedded split {split!r} differs from {DATA_MANIFEST} in {bad}: this "
                              f"machine's numpy/scikit-image/Pillow draw different data, so results would not "
                              f"be comparable (got {got})")
-        (tmp / ".verified.json").write_text(json.dumps(expected))
+        files = {rel: [h, _stat(tmp / rel)] for rel, h in hashes.items()}
+        (tmp / ".verified.json").write_text(json.dumps({"manifest": expected, "files": files}))
         if final.exists():
             shutil.rmtree(final)
         try:

@@ -5,6 +5,7 @@ ViT config: ViT-B-32, ViT-B-16, ViT-L-14 and the small configs this project regi
 """
 from __future__ import annotations
 
+import codecs
 from types import SimpleNamespace
 from typing import Sequence
 
@@ -64,6 +65,7 @@ class OpenClipViTAdapter(ModelAdapter):
 
     # ---- inputs -------------------------------------------------------------------------------
     def _token_string(self, tid: int) -> str:
+        """One token's display string, decoded alone (a character split over tokens shows as U+FFFD)."""
         if self._decoder is None:
             return str(tid)
         tok = self._decoder.get(int(tid), "")
@@ -74,6 +76,40 @@ class OpenClipViTAdapter(ModelAdapter):
             tok = bytearray(self._byte_decoder.get(c, ord("?")) for c in tok).decode("utf-8", errors="replace")
         return tok
 
+    def _row_strings(self, row: Sequence[int], eot: int) -> list[str]:
+        """Display strings of one id row: the word pieces of a word are UTF-8-decoded jointly.
+
+        Each byte-level BPE token gets exactly the characters its bytes complete, so a token holding
+        only the leading bytes of a multi-byte character gets '' and the token completing it gets the
+        character; the decoder is flushed at the word end ('</w>'). A word's token strings therefore
+        concatenate to the word's text, and ASCII tokens read as before. Start/end-of-text tokens keep
+        their special strings; positions after the end-of-text token are ''.
+        """
+        if self._decoder is None or not self._byte_decoder:
+            return [self._token_string(t) if j <= eot else "" for j, t in enumerate(row)]
+        special = (self.tokenizer.sot_token_id, self.tokenizer.eot_token_id)
+        out: list[str] = []
+        dec = None      # incremental decoder of the word in progress
+        for j, tid in enumerate(row):
+            if j > eot:
+                out.append("")
+                continue
+            tok = self._decoder.get(int(tid), "")
+            if tid in special:
+                # a word cut by truncation: its incomplete trailing bytes are dropped
+                dec = None
+                out.append(tok)
+                continue
+            end = tok.endswith("</w>")
+            tok = tok.replace("</w>", "")
+            if dec is None:
+                dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            data = bytes(self._byte_decoder.get(c, ord("?")) for c in tok)
+            out.append(dec.decode(data, final=end))
+            if end:
+                dec = None
+        return out
+
     def tokenize(self, captions: Sequence[str]) -> TextBatch:
         captions = list(captions)
         truncated = self._check_captions(captions, self.tokenizer.encode)
@@ -82,8 +118,7 @@ class OpenClipViTAdapter(ModelAdapter):
         eot = (ids == eot_id).int().argmax(dim=1)
         pos = torch.arange(ids.shape[1])[None]
         word_mask = (pos > 0) & (pos < eot[:, None])
-        tokens = [[self._token_string(t) if j <= e else "" for j, t in enumerate(row.tolist())]
-                  for row, e in zip(ids, eot.tolist())]
+        tokens = [self._row_strings(row.tolist(), e) for row, e in zip(ids, eot.tolist())]
         return TextBatch(ids.to(self.device), eot.to(self.device), tokens, word_mask.to(self.device),
                          truncated, captions)
 

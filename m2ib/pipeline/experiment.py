@@ -17,12 +17,13 @@ import pandas as pd
 import torch
 
 from m2ib.core.attributor import METHODS, attribute_with
-from m2ib.core.errors import InputError
+from m2ib.core.errors import InputError, M2IBError
 from m2ib.core.metric import METRICS, MetricContext
 from m2ib.data.registry import load_dataset, loader_params
 from m2ib.models.sources import build, resolve
 from m2ib.pipeline.compute import compute_attributions
-from m2ib.pipeline.tables import aggregate, run_metadata, write_meta, write_table
+from m2ib.pipeline.provenance import check_overwrite, check_publishable, git_state, result_identity, run_metadata
+from m2ib.pipeline.tables import aggregate, write_meta, write_table
 
 log = logging.getLogger(__name__)
 GROUP_BY = ["method", "modality"]
@@ -48,11 +49,13 @@ def load_samples(data_cfg: dict, progress: bool = True) -> tuple[list, int]:
 
 
 def table_stem(cfg: dict, n: int) -> str:
-    """File name of a table, saying what produced it (like timm's results-<dataset>.csv files); n is the
-    data set's size before sharding, so every shard of one run shares the stem merge_shards.py joins."""
+    """File name of a table, saying what produced it: experiment, model, data set, split, n (the data
+    set's size before sharding) and the result identity (a hash of the methods, metrics, their
+    hyperparameters, model, data selection and seed), so two configurations never share a file; every
+    shard of one run shares the stem merge_shards.py joins."""
     model = cfg["model"]["name"].replace("/", "_").replace(":", "_")
     data = cfg["data"]["kind"] + (f"-{cfg['data']['split']}" if cfg["data"].get("split") else "")
-    stem = f"{cfg['experiment_name']}-{model}-{data}-n{n}"
+    stem = f"{cfg['experiment_name']}-{model}-{data}-n{n}-{result_identity(cfg)}"
     if int(cfg["data"].get("num_shards", 1)) > 1:
         stem += f"-shard{cfg['data']['shard']}of{cfg['data']['num_shards']}"
     return stem
@@ -86,6 +89,9 @@ def validate_config(cfg: dict) -> None:
     """Every check that needs no model or data: run settings, each method's and metric's parameters
     (unknown keys, types, ranges, non-finite numbers), the data set's keys, sharding."""
     check_run_settings(cfg)
+    for key in ("publish", "allow_dirty", "write_results", "figures", "progress"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise InputError(f"{key} must be true or false, got {cfg.get(key)!r}")
     methods, metrics_cfg = cfg.get("method") or {}, cfg.get("metric") or {}
     if not methods or not metrics_cfg:
         raise InputError("a run needs at least one method (method=[...]) and one metric (metric=[...])")
@@ -100,9 +106,46 @@ def validate_config(cfg: dict) -> None:
     loader_params(cfg["data"])
 
 
+class Interrupted(M2IBError):
+    """Ctrl-C during a run: says what is cached and that a re-run resumes."""
+
+
+def output_dirs(cfg: dict, run_dir: Optional[Path]) -> list[Path]:
+    """The run's own folder, plus <published_dir or results_dir>/<experiment_name> unless write_results=false."""
+    out = [Path(run_dir)] if run_dir else []
+    if cfg.get("write_results", True):
+        root = cfg.get("published_dir", "results") if cfg.get("publish") else cfg.get("results_dir", "runs/tables")
+        out.append(Path(root) / cfg["experiment_name"])
+    return out
+
+
 def run_experiment(cfg: dict, run_dir: Optional[Path] = None) -> dict:
     """Run a resolved config (a plain dict); returns {'rows', 'table', 'paths', <own-table metric>: rows}."""
+    tally = _Tally()
+    try:
+        return _run(cfg, run_dir, tally)
+    except KeyboardInterrupt:
+        where = f" ({tally.pairs} pairs of {tally.method} computed and cached by this run)" if tally.method else ""
+        raise Interrupted(f"interrupted: every finished batch is cached under {cfg.get('cache_dir')}{where}; "
+                          f"re-run the same command to resume from there") from None
+
+
+class _Tally:
+    """Which method is running and how many of its pairs this run has cached (for the Ctrl-C message)."""
+
+    method, pairs = None, 0
+
+    def start(self, method: str) -> None:
+        self.method, self.pairs = method, 0
+
+    def __call__(self, chunk, _attribution) -> None:
+        self.pairs += len(chunk)
+
+
+def _run(cfg: dict, run_dir: Optional[Path], tally: _Tally) -> dict:
     validate_config(cfg)
+    state = git_state()
+    check_publishable(cfg, state)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     device = cfg.get("device", "cpu")
@@ -117,15 +160,16 @@ def run_experiment(cfg: dict, run_dir: Optional[Path] = None) -> dict:
     if not samples:
         raise InputError(f"no samples in data set {cfg['data']}")
 
-    out_dirs = [Path(run_dir)] if run_dir else []
-    if cfg.get("write_results", True):
-        out_dirs.append(Path(cfg["results_dir"]) / cfg["experiment_name"])
+    out_dirs = output_dirs(cfg, run_dir)
     stem = table_stem(cfg, total)
+    for out in out_dirs:   # before any work: never overwrite another configuration's table
+        check_overwrite(out / f"{stem}.meta.json", result_identity(cfg))
     pair_rows, own_rows, timings, examples = [], {}, {}, {}
     for name, attributor in attributors.items():
         start = time.perf_counter()
+        tally.start(name)
         att = compute_attributions(attributor, samples, cfg["cache_dir"], identity, seed=seed,
-                                   batch_size=batch_size, progress=progress)
+                                   batch_size=batch_size, progress=progress, on_batch=tally)
         timings[name] = {"wall_seconds": time.perf_counter() - start,
                          "seconds_per_pair_when_computed": att.seconds / len(samples)}
         examples[name] = att.select(range(min(4, len(samples))))
@@ -150,7 +194,7 @@ def run_experiment(cfg: dict, run_dir: Optional[Path] = None) -> dict:
     if not pair_rows and not own_rows:
         raise InputError("no metric produced rows (see the warnings above)")
 
-    meta = {**run_metadata(cfg, len(samples), device, {"seed": seed, "bootstrap_seed": seed}), "timings": timings}
+    meta = {**run_metadata(cfg, samples, device, {"seed": seed, "bootstrap_seed": seed}, state), "timings": timings}
     result: dict = {"paths": {}}
     if pair_rows:
         rows = pd.concat(pair_rows, ignore_index=True)

@@ -1,12 +1,8 @@
 """Per-sample rows -> aggregated tables (mean and a 95% bootstrap interval per cell), written as CSV,
-Markdown and a metadata sidecar."""
+Markdown and a metadata sidecar (whose content m2ib.pipeline.provenance builds)."""
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import platform
-import subprocess
-from importlib import metadata as _md
 from pathlib import Path
 from typing import Sequence
 
@@ -61,45 +57,6 @@ def to_markdown(table: pd.DataFrame, by: Sequence[str], values: Sequence[str], d
             cells.append(cell + (f" (n={int(k)})" if np.isfinite(m) and k != r["n"] else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def package_versions(names=("torch", "torchvision", "open_clip_torch", "numpy", "pandas", "scikit-image",
-                            "captum", "grad-cam", "hydra-core", "timm", "transformers")) -> dict:
-    out = {}
-    for n in names:
-        try:
-            out[n] = _md.version(n)
-        except _md.PackageNotFoundError:
-            out[n] = None
-    return out
-
-
-def git_commit(cwd=None) -> str | None:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=cwd,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=cwd).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def run_metadata(config: dict, n_samples: int, device: str, seeds: dict) -> dict:
-    """What produced a table: commit, resolved config, versions, device, date, sample count, seeds."""
-    import torch
-    return {
-        "git_commit": git_commit(Path(__file__).resolve().parent),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": config,
-        "packages": package_versions(),
-        "python": platform.python_version(),
-        "device": device if device != "cpu" else f"cpu ({platform.processor() or platform.machine()}, "
-                                                 f"{torch.get_num_threads()} threads)",
-        "cuda": torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None,
-        "n_samples": n_samples,
-        "seeds": seeds,
-    }
 
 
 def write_table(table: pd.DataFrame, rows: pd.DataFrame, out_dir, stem: str, by, values, meta: dict) -> dict:
