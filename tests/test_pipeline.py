@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from m2ib.core.attributor import get_method
+from m2ib.core.errors import InputError
 from m2ib.method import M2IBAttributor
 from m2ib.pipeline.cache import AttributionCache
 from m2ib.pipeline.compute import compute_attributions
@@ -181,3 +182,27 @@ def test_shards_partition_the_data_and_merge_into_one_table(tmp_path):
     pd.testing.assert_frame_equal(merged.sort_values("modality").reset_index(drop=True)[["method", "modality", "n", "iou"]],
                                   whole["table"].sort_values("modality").reset_index(drop=True)[["method", "modality", "n", "iou"]],
                                   check_dtype=False)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("method.m2ib.image_beta=abc", "m2ib image: beta must be a number, got .abc."),
+    ("method.m2ib.image_beta=nan", "m2ib image: beta must be finite"),
+    ("+metric.confidence.quantil=0.3", r"metric 'confidence': unknown parameter\(s\) \['quantil'\]"),
+    ("method.rise.n_masks=0", "n_masks must be a positive integer"),
+    ("+data.colour=red", r"data set 'embedded': unknown key\(s\) \['colour'\]"),
+    ("model.finetune_lr=abc", "model config: parameter finetune_lr must be a number"),
+    ("+model.m2ib.image_layr=1", r"model.m2ib: unknown parameter\(s\) \['image_layr'\]"),
+    ("metric=[roar] data.num_shards=2", "needs the whole data set"),
+    ("data.shard=2 data.num_shards=2", "data.shard must be in 0..num_shards-1"),
+])
+def test_bad_settings_are_refused_before_any_model_or_data_is_loaded(override, match, monkeypatch, tmp_path):
+    from m2ib.pipeline import experiment
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded before the settings were checked")
+    monkeypatch.setattr(experiment, "build", never)
+    monkeypatch.setattr(experiment, "load_dataset", never)
+    cfg = OmegaConf.to_container(_compose(["experiment=table1", "model=tiny", *override.split()]), resolve=True)
+    cfg.update(cache_dir=str(tmp_path / "cache"), results_dir=str(tmp_path / "results"), progress=False)
+    with pytest.raises(InputError, match=match):
+        experiment.run_experiment(cfg)

@@ -20,7 +20,7 @@ Design choices (see /work/shared/DESIGN.md, "Lessons from training a tiny CLIP o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 from skimage import draw
@@ -219,15 +219,6 @@ def generate_split(split: str, n: int, seed: int, start: int = 0) -> Iterator[Ge
         raise InputError(f"number of pairs must be >= 0, got {n}")
     for i in range(start, start + n):
         yield generate_pair(seed, split, i)
-
-
-def mentions(caption_target: tuple[str, str, str], pair_objects: list[ShapeObject],
-             size_in_caption: Optional[bool] = True) -> bool:
-    """Whether an object matching a caption's target description is present among `pair_objects`
-    (used to choose valid negative captions for retrieval)."""
-    colour, shape, size = caption_target
-    return any(o.colour == colour and o.shape == shape and (not size_in_caption or o.size == size)
-               for o in pair_objects)
 
 
 def pixel_sha256(image: np.ndarray) -> str:

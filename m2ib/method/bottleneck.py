@@ -155,7 +155,6 @@ class BottleneckResult:
     capacity: torch.Tensor          # (B, N) capacity of the last forward, summed over channels, 0 where invalid
     fitting: torch.Tensor           # (B,) mean cosine of the last forward
     compression: torch.Tensor       # (B,) mean capacity of the last forward
-    history: Optional[list] = None
 
 
 def fit_bottleneck(adapter, modality: str, inputs, target: torch.Tensor, hp: ModalityConfig, mode: str,

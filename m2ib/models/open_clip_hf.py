@@ -141,7 +141,7 @@ class OpenClipHFAdapter(ModelAdapter):
                              f"{self.bert.config.max_position_embeddings} positions")
         self.pad_id = int(self.bert.config.pad_token_id if self.bert.config.pad_token_id is not None else 0)
         hf_tok = tokenizer.tokenizer
-        self.cls_id, self.sep_id = hf_tok.cls_token_id, hf_tok.sep_token_id
+        self.sep_id = hf_tok.sep_token_id
         # [MASK] is what BERT was pre-trained to read as "a word is missing here".
         blank = hf_tok.mask_token_id if hf_tok.mask_token_id is not None else hf_tok.unk_token_id
         self.blank_token_id = int(blank if blank is not None else self.pad_id)

@@ -19,6 +19,7 @@ import torch
 from m2ib.core.attributor import METHODS, attribute_with
 from m2ib.core.errors import InputError, M2IBError
 from m2ib.core.metric import METRICS, MetricContext
+from m2ib.core.registry import check_params
 from m2ib.data.registry import load_dataset, loader_params
 from m2ib.models.sources import build, resolve
 from m2ib.pipeline.compute import compute_attributions
@@ -104,6 +105,21 @@ def validate_config(cfg: dict) -> None:
             raise InputError(f"metric {name!r} needs the whole data set in one job (its result depends on every "
                              f"evaluated pair); run it with data.num_shards=1")
     loader_params(cfg["data"])
+    check_model_config(cfg.get("model") or {})
+
+
+#: The keys of a model config (conf/model/*.yaml) and their types; `m2ib` overrides the model's M2IB settings.
+MODEL_KEYS = {"name": "", "pretrained": None, "finetune_lr": 1e-5, "m2ib": None}
+M2IB_SETTING_KEYS = {"image_layer": 0, "text_layer": 0, "image_beta": 0.1, "text_beta": 0.1}
+
+
+def check_model_config(model: dict) -> None:
+    check_params("model config", model, MODEL_KEYS)
+    if not model.get("name"):
+        raise InputError("model.name must be set (e.g. model=embedded, or model.name=ViT-B-32)")
+    if model.get("pretrained") is not None and not isinstance(model["pretrained"], str):
+        raise InputError(f"model.pretrained must be null, an open_clip tag or a file path, got {model['pretrained']!r}")
+    check_params("model.m2ib", model.get("m2ib") or {}, M2IB_SETTING_KEYS)
 
 
 class Interrupted(M2IBError):
