@@ -9,7 +9,10 @@ ARGS    ?=
 RUN     := $(PYTHON) scripts/run.py model=$(MODEL) data=$(DATA)
 # Published tables (results/) come only from these targets, from a clean git tree (publish=true);
 # ad hoc `scripts/run.py` runs write under runs/ (git-ignored).
-PUBLISH := $(RUN) publish=true
+# ALLOW_DIRTY=1 publishes from a tree with uncommitted changes anyway (recorded in the sidecars).
+ALLOW_DIRTY ?=
+PUBLISH := $(RUN) publish=true $(if $(ALLOW_DIRTY),allow_dirty=true)
+SWEEP_DIRTY := $(if $(ALLOW_DIRTY),--allow-dirty)
 
 .PHONY: install test reproduce-table1 reproduce-table2 reproduce-sanity reproduce-sweep sweep regression \
         regression-reference bench bench-baselines embedded-model clean
@@ -45,15 +48,16 @@ sweep: $(STAMP)
 	$(PYTHON) scripts/collect_sweep.py
 
 reproduce-sweep: $(STAMP)
+	$(PYTHON) scripts/collect_sweep.py --publish --check-only $(SWEEP_DIRTY)
 	$(PYTHON) scripts/run.py --multirun model=$(MODEL) data=$(DATA) experiment=sweep $(ARGS)
-	$(PYTHON) scripts/collect_sweep.py --out results/sweep --publish
+	$(PYTHON) scripts/collect_sweep.py --out results/sweep --publish $(SWEEP_DIRTY)
 
 ## The CI metric-regression check alone, and regenerating its committed reference (say why in the commit).
 regression: $(STAMP)
 	$(PYTHON) -m pytest -q tests/test_regression.py
 
 regression-reference: $(STAMP)
-	$(PYTHON) scripts/run.py experiment=regression publish=true cache_dir=$$(mktemp -d) progress=false
+	$(PYTHON) scripts/run.py experiment=regression publish=true $(if $(ALLOW_DIRTY),allow_dirty=true) cache_dir=$$(mktemp -d) progress=false
 
 ## Speed: fast M2IB vs the plain release algorithm (ratio measured in one run); baselines' cost per pair.
 bench: $(STAMP)

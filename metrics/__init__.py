@@ -4,11 +4,6 @@ zero-shot detection, pointing game, IBA box ratio, text ratio/AP), confidence (d
 
 Each module registers its metric with @register_metric (m2ib.core.metric): one function
 score(attribution, adapter, samples, context, **params) -> per-sample rows, its value columns and how
-they are tabulated. Importing this package imports every module in it, so a new metric is one module
+they are tabulated. Every module here is imported by the metric registry, so a new metric is one module
 here plus one conf/metric/*.yaml. Metrics talk to the model only through the ModelAdapter interface.
 """
-import importlib
-import pkgutil
-
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")

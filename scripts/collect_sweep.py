@@ -97,12 +97,15 @@ def main(argv=None):
     p.add_argument("--out", default="runs/sweep-tables")
     p.add_argument("--publish", action="store_true", help="refuse unless the git tree is clean (or --allow-dirty)")
     p.add_argument("--allow-dirty", action="store_true")
+    p.add_argument("--check-only", action="store_true", help="only the publishing check (before a long sweep)")
     args = p.parse_args(argv)
     state = git_state()
     try:
         check_publishable({"publish": args.publish, "allow_dirty": args.allow_dirty}, state)
     except InputError as exc:
         raise SystemExit(f"error: {exc}")
+    if args.check_only:
+        return
     if args.sweep_dir:
         sweep_dir = Path(args.sweep_dir)
     else:
@@ -122,6 +125,7 @@ def main(argv=None):
     jobs = sorted({json.loads(m.read_text())["result_identity"] for m in sweep_dir.glob("*/*.meta.json")})
     write_meta({"sweep_dir": str(sweep_dir), "swept": swept, "job_identities": jobs, "git_commit": state["commit"],
                 "git_clean": not state["dirty_files"], "git_dirty_files": state["dirty_files"],
+                "dirty_allowed": args.allow_dirty and bool(state["dirty_files"]),
                 "code_version": code_version(), "packages": package_versions()}, out / "sweep.meta.json")
     print(f"wrote {out / 'sweep.csv'} ({len(df)} rows from {sweep_dir})")
 

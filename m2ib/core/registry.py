@@ -2,13 +2,15 @@
 
 An entry is registered by the module that defines it (a decorator), so adding a method, metric, data
 set or model source is one module plus one YAML file under conf/. Each registry knows which packages
-hold its entries (`discover`, module names imported on first lookup, the way Python entry points
-work), so a lookup by name works from any import order without the core importing them statically.
+hold its entries (`discover`: packages whose every module is imported on first lookup, the way Python
+entry points work), so a lookup by name works from any import order without the core importing them
+statically, and a new module in such a package is found without editing any list.
 """
 from __future__ import annotations
 
 import importlib
 import math
+import pkgutil
 from typing import Any, Callable, Generic, Iterable, Mapping, TypeVar
 
 from m2ib.core.errors import InputError
@@ -34,8 +36,10 @@ class Registry(Generic[T]):
     def _load(self) -> None:
         if not self._loaded:
             self._loaded = True
-            for module in self._discover:
-                importlib.import_module(module)
+            for name in self._discover:
+                package = importlib.import_module(name)
+                for module in pkgutil.iter_modules(getattr(package, "__path__", [])):
+                    importlib.import_module(f"{name}.{module.name}")
 
     def get(self, name: str) -> T:
         self._load()

@@ -56,10 +56,13 @@ def load_cc(tsv_path, image_root, manifest=None, text_gt=None, limit: Optional[i
     tsv_path, image_root = Path(tsv_path), Path(image_root)
     if not tsv_path.is_file():
         raise DataUnavailableError(
-            f"Conceptual Captions TSV {tsv_path} does not exist (the validation split is "
-            f"'Validation_GCC-1.1.0-Validation.tsv' from https://ai.google.com/research/ConceptualCaptions/)")
+            f"Conceptual Captions TSV {tsv_path} does not exist. Get 'Validation_GCC-1.1.0-Validation.tsv' from "
+            f"https://ai.google.com/research/ConceptualCaptions/, fetch a subset with `python scripts/download_cc.py "
+            f"--tsv <that file> --out data/cc` (writes subset.tsv, images/ and manifest.csv), and point the config "
+            f"key data.tsv_path (or $M2IB_DATA) at it")
     if not image_root.is_dir():
-        raise DataUnavailableError(f"image root {image_root} (for {tsv_path}) is not a folder")
+        raise DataUnavailableError(f"image root {image_root} (for {tsv_path}) is not a folder: set the config key "
+                                   f"data.image_root to the downloader's images folder")
     urls = _read_manifest(Path(manifest)) if manifest is not None else None
     targets = _read_text_gt(Path(text_gt)) if text_gt is not None else {}
     rows = []

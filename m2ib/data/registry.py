@@ -1,4 +1,4 @@
-"""Data sets by name: each loader registers itself with @register_dataset(name); a data config
+"""Data sets by name: each loader (a module in m2ib/data/) registers itself with @register_dataset(name); a data config
 (conf/data/<name>.yaml) holds `kind: <name>`, the loader's keyword arguments, and the run's
 sharding keys (shard, num_shards), which the pipeline applies to every data set alike."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Callable
 from m2ib.core.errors import InputError
 from m2ib.core.registry import Registry
 
-DATASETS: Registry[Callable] = Registry("data set", discover=("m2ib.data.embedded", "m2ib.data.mscxr", "m2ib.data.cc"))
+DATASETS: Registry[Callable] = Registry("data set", discover=("m2ib.data",))
 #: Keys of a data config that belong to the run, not to the loader.
 RUN_KEYS = ("kind", "shard", "num_shards")
 

@@ -19,7 +19,9 @@ explain() and Hydra runs both use. The adapter family is picked from the BUILT m
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -236,6 +238,23 @@ def pick_adapter_class(model, name: str):
 
 
 # ---- building ----------------------------------------------------------------------------------------------
+class _DropRandomInitNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init(enabled: bool):
+    """open_clip warns on the root logger that weights are random; with pretrained=None that is the request."""
+    note = _DropRandomInitNote()
+    if enabled:
+        logging.getLogger().addFilter(note)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(note)
+
+
 def build(source: ModelSource, device: str = "cpu", seed: int = 0, cache_dir: Optional[str] = None):
     """The adapter of a resolved source. Random initialisation draws from `seed` without touching the
     caller's global RNG state. cache_dir: Hugging Face cache (default: HF_HOME)."""
@@ -262,8 +281,9 @@ def build(source: ModelSource, device: str = "cpu", seed: int = 0, cache_dir: Op
                 else:   # open_clip would otherwise fall back to RANDOM weights with only a log line
                     kwargs["require_pretrained"] = True
             pretrained_arg = None if hub_schema else (source.checkpoint or source.pretrained)
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained_arg, device="cpu", cache_dir=cache_dir, **kwargs)
+            with _quiet_random_init(pretrained_arg is None and not hub_schema):
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    name, pretrained=pretrained_arg, device="cpu", cache_dir=cache_dir, **kwargs)
             if hub_schema and source.checkpoint is not None:
                 open_clip.load_checkpoint(model, source.checkpoint)
             tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)

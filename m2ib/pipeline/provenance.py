@@ -25,9 +25,10 @@ from m2ib.core.records import Sample
 from m2ib.pipeline.cache import code_version, config_key, fingerprint
 
 REPO = Path(__file__).resolve().parents[2]
-#: Config keys that do not change a table's numbers (where and how fast it is computed, what is drawn).
+#: Config keys that do not change a table's numbers (where and how fast it is computed, what is drawn,
+#: the regression check's tolerances).
 NOT_IDENTITY = ("device", "threads", "batch_size", "progress", "cache_dir", "results_dir", "published_dir",
-                "publish", "allow_dirty", "write_results", "figures", "hydra")
+                "publish", "allow_dirty", "write_results", "figures", "hydra", "regression")
 #: Data keys that select a shard of the same table (merge_shards.py joins them).
 SHARD_KEYS = ("shard", "num_shards")
 
@@ -83,6 +84,15 @@ def data_fingerprint(samples: Sequence[Sample]) -> str:
     return h.hexdigest()
 
 
+def data_location(data: dict) -> dict:
+    """Where the evaluated files were read from: the path keys of the data config, or the embedded
+    split's generated folder (movable with $M2IB_EMBEDDED_CACHE)."""
+    if data.get("kind") == "embedded":
+        from m2ib.data.embedded import split_dir
+        return {"folder": str(split_dir(data.get("split", "test")).resolve())}
+    return {k: v for k, v in data.items() if isinstance(v, str) and k.endswith(("_path", "_root", "manifest"))}
+
+
 def run_metadata(cfg: dict, samples: Sequence[Sample], device: str, seeds: dict, state: dict) -> dict:
     """The sidecar of a table: what produced it (see the module docstring)."""
     import torch
@@ -95,8 +105,7 @@ def run_metadata(cfg: dict, samples: Sequence[Sample], device: str, seeds: dict,
         "dirty_allowed": bool(cfg.get("allow_dirty")) and bool(state["dirty_files"]),
         "code_version": code_version(),
         "data_fingerprint": data_fingerprint(samples),
-        "data_location": {k: v for k, v in data.items() if isinstance(v, str) and ("/" in v or k.endswith(("_path", "_root")))}
-                         or {"kind": data.get("kind"), "split": data.get("split")},
+        "data_location": data_location(data),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": cfg,
         "packages": package_versions(),
