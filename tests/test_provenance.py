@@ -142,3 +142,19 @@ def test_ctrl_c_ends_with_one_line_saying_what_is_kept(tmp_path, monkeypatch):
                  cache_dir=str(tmp_path / "cache"), results_dir=str(tmp_path / "tables"), progress=False)
     with pytest.raises(experiment.Interrupted, match=r"2 pairs of random computed and cached .* re-run"):
         run_experiment(cfg)
+
+
+def test_ad_hoc_runs_leave_git_status_clean(tmp_path):
+    """An ad hoc run with the default output folders, from the repository root, adds nothing git sees."""
+    import sys
+    root = CONF.parent
+
+    def status():
+        return subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+    before = status()
+    done = subprocess.run([sys.executable, "scripts/run.py", "model=tiny", "data.limit=2", "method=[random]",
+                           "metric=[localisation]", "progress=false", f"cache_dir={tmp_path / 'cache'}"],
+                          cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "runs/tables/custom/custom-m2ib-tiny-vit-embedded-test-n2-" in done.stdout
+    assert status() == before
