@@ -8,6 +8,10 @@ name, the value columns a table aggregates, and how its rows are tabulated:
 - `table=writer`: the metric's rows form a table of their own, written by writer(rows, out_dir, stem)
   (e.g. the sanity check's per-layer curves).
 `whole_dataset=True` refuses sharded runs (the metric's result depends on the whole evaluated set).
+`curves=(name, ...)`: columns of the rows whose cells are 1-D arrays (one curve per pair, equal length
+within a method and modality, e.g. the similarity after each deletion step); they stay out of the table
+and its per-pair rows, and the pipeline writes their mean and bootstrap interval per step
+(<stem>.<metric>-curves.csv) and one figure per curve (m2ib.pipeline.curves).
 The keyword defaults of `score` are the metric's parameters: their types are checked before any model
 or data is loaded.
 """
@@ -43,16 +47,17 @@ class MetricSpec:
     table: Optional[Callable] = None
     whole_dataset: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)
+    curves: tuple[str, ...] = ()
 
     def check_params(self, params: dict) -> dict:
         return check_params(f"metric {self.name!r}", params or {}, self.defaults)
 
 
 def register_metric(name: str, columns: Sequence[str], table: Optional[Callable] = None,
-                    whole_dataset: bool = False):
+                    whole_dataset: bool = False, curves: Sequence[str] = ()):
     """Function decorator: register score(attribution, adapter, samples, context, **params) as a metric."""
     def wrap(fn):
         METRICS.register(name, MetricSpec(name, fn, tuple(columns), table, whole_dataset,
-                                          signature_defaults(fn, skip=4)))
+                                          signature_defaults(fn, skip=4), tuple(curves)))
         return fn
     return wrap

@@ -23,6 +23,7 @@ from m2ib.core.registry import check_params
 from m2ib.data.registry import load_dataset, loader_params
 from m2ib.models.sources import build, resolve
 from m2ib.pipeline.compute import compute_attributions
+from m2ib.pipeline.curves import write_curves
 from m2ib.pipeline.provenance import check_overwrite, check_publishable, git_state, result_identity, run_metadata
 from m2ib.pipeline.tables import aggregate, write_meta, write_table
 
@@ -180,7 +181,7 @@ def _run(cfg: dict, run_dir: Optional[Path], tally: _Tally) -> dict:
     stem = table_stem(cfg, total)
     for out in out_dirs:   # before any work: never overwrite another configuration's table
         check_overwrite(out / f"{stem}.meta.json", result_identity(cfg))
-    pair_rows, own_rows, timings, examples = [], {}, {}, {}
+    pair_rows, own_rows, curve_rows, timings, examples = [], {}, {}, {}, {}
     for name, attributor in attributors.items():
         start = time.perf_counter()
         tally.start(name)
@@ -199,6 +200,9 @@ def _run(cfg: dict, run_dir: Optional[Path], tally: _Tally) -> dict:
             if spec.table is not None:
                 own_rows.setdefault(metric, []).append(rows)
                 continue
+            if spec.curves:   # per-step arrays: summarised apart, never in the table or its rows
+                curve_rows.setdefault(metric, []).append(rows[ROW_KEYS + list(spec.curves)])
+                rows = rows.drop(columns=list(spec.curves))
             rows = rows[ROW_KEYS + [c for c in rows.columns if c not in ROW_KEYS]]
             if merged is None:
                 merged = rows
@@ -223,6 +227,11 @@ def _run(cfg: dict, run_dir: Optional[Path], tally: _Tally) -> dict:
                 result["paths"]["examples"] = method_grid(out / f"{stem}.examples.png", adapter, samples, examples)
             log.info("wrote %s", result["paths"]["md"])
         result.update(rows=rows, table=table)
+    for metric, frames in curve_rows.items():
+        rows = pd.concat(frames, ignore_index=True)
+        for out in out_dirs:
+            result["paths"].update(write_curves(rows, specs[metric][0].curves, out, stem, metric, seed))
+        result[f"{metric}_curves"] = rows
     for metric, frames in own_rows.items():
         rows = pd.concat(frames, ignore_index=True)
         for out in out_dirs:
