@@ -14,7 +14,7 @@ ALLOW_DIRTY ?=
 PUBLISH := $(RUN) publish=true $(if $(ALLOW_DIRTY),allow_dirty=true)
 SWEEP_DIRTY := $(if $(ALLOW_DIRTY),--allow-dirty)
 
-.PHONY: install test reproduce-table1 reproduce-table2 reproduce-sanity reproduce-sweep sweep regression \
+.PHONY: install test reproduce-table1 reproduce-table2 reproduce-table3 reproduce-sanity reproduce-sweep sweep regression \
         regression-reference bench bench-baselines embedded-model clean
 
 install: $(STAMP)
@@ -36,6 +36,10 @@ reproduce-table1: $(STAMP)
 ## Table 2 (zero-shot detection IoU and friends, ROAR+).
 reproduce-table2: $(STAMP)
 	$(PUBLISH) experiment=table2 $(ARGS)
+
+## Table 3 (degradation test, deletion/insertion, ROAD, caption sensitivity; curves), first 100 test pairs.
+reproduce-table3: $(STAMP)
+	$(PUBLISH) experiment=table3 $(ARGS)
 
 ## Sanity checks (cascading randomisation): per-layer tables and curves.
 reproduce-sanity: $(STAMP)

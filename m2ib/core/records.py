@@ -21,6 +21,8 @@ class Sample:
 
     boxes: (K, 4) float array of x, y, w, h in original pixels (MS-CXR convention), K >= 0.
     target_words: words of the caption that name the target (text ground truth), if known.
+    meta['alternative'] (optional): {caption, target_words, boxes} naming ANOTHER object of the same image,
+        where the data set knows one (the grounded caption-sensitivity metric explains the image under it).
     """
 
     id: str

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from m2ib.data.cc import write_cc, write_text_gt
-from m2ib.data.generator import GENERATOR_VERSION, IMAGE_SIZE, generate_pair, pixel_sha256
+from m2ib.data.generator import GENERATOR_VERSION, IMAGE_SIZE, alternative_caption, generate_pair, pixel_sha256
 from m2ib.data.mscxr import TEXT_GT_COLUMN, load_mscxr, write_mscxr
 from m2ib.core.errors import DataUnavailableError, InputError
 from m2ib.core.records import Sample
@@ -195,7 +195,8 @@ def ensure_split(split: str, root: Optional[Path] = None, progress: bool = True)
 def load_embedded_split(split: str = "test", limit: Optional[int] = None, root: Optional[Path] = None,
                         progress: bool = True) -> list[Sample]:
     """Samples of a split read back through the MS-CXR loader; meta gets every object of the image
-    (meta['objects']), the target's attributes (meta['target']) and whether the size is in the caption."""
+    (meta['objects']), the target's attributes (meta['target']), whether the size is in the caption, and
+    a caption naming another object of the image (meta['alternative'], or None)."""
     folder = ensure_split(split, root, progress=progress)
     samples = load_mscxr(folder / f"{split}.csv", folder, limit=limit, progress=progress)
     extra = {}
@@ -206,7 +207,8 @@ def load_embedded_split(split: str = "test", limit: Optional[int] = None, root: 
     for s in samples:
         rec = extra[s.id]
         s.meta.update(objects=rec["objects"], target=tuple(rec["target"]), size_in_caption=rec["size_in_caption"],
-                      split=split)
+                      split=split, alternative=alternative_caption(s.caption, s.target_words, rec["target"],
+                                                                   rec["objects"], rec["size_in_caption"]))
     return samples
 
 

@@ -20,7 +20,7 @@ Design choices (see /work/shared/DESIGN.md, "Lessons from training a tiny CLIP o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 from skimage import draw
@@ -219,6 +219,55 @@ def generate_split(split: str, n: int, seed: int, start: int = 0) -> Iterator[Ge
         raise InputError(f"number of pairs must be >= 0, got {n}")
     for i in range(start, start + n):
         yield generate_pair(seed, split, i)
+
+
+#: plural template -> the singular template of the same wording (an alternative caption names one object)
+PLURAL_TO_SINGULAR = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 6}
+FALLBACK_TEMPLATE = 1
+
+
+def _attrs(obj: dict) -> tuple[str, str, str]:
+    return (str(obj["colour"]), str(obj["shape"]), str(obj["size"]))
+
+
+def _template_index(caption: str, target_words) -> int:
+    """Index into SINGULAR_TEMPLATES of a caption's wording (FALLBACK_TEMPLATE if none fits)."""
+    if target_words:
+        desc = " ".join(target_words)
+        for k, t in enumerate(SINGULAR_TEMPLATES):
+            if t.format(a=_article(desc), d=desc) == caption:
+                return k
+        for k, t in enumerate(PLURAL_TEMPLATES):
+            if t.format(d=desc) == caption:
+                return PLURAL_TO_SINGULAR[k]
+    return FALLBACK_TEMPLATE
+
+
+def other_object(target, objects: list[dict]) -> Optional[dict]:
+    """The first object of the image that is not the target and whose attributes no other object shares
+    (so a caption naming it is unambiguous), or None."""
+    target = tuple(str(t) for t in target)
+    counts: dict = {}
+    for o in objects:
+        counts[_attrs(o)] = counts.get(_attrs(o), 0) + 1
+    return next((o for o in objects if _attrs(o) != target and counts[_attrs(o)] == 1), None)
+
+
+def alternative_caption(caption: str, target_words, target, objects: list[dict],
+                        size_in_caption: bool) -> Optional[dict]:
+    """A caption naming another object of the same image, in the true caption's wording (a plural
+    template maps to its singular counterpart), with colour and shape, plus the size word when the
+    true caption has one or another object of that colour and shape differs in size:
+    {caption, target_words, boxes} for Sample.meta['alternative'], or None (no unambiguous object)."""
+    obj = other_object(target, objects)
+    if obj is None:
+        return None
+    colour, shape, size = _attrs(obj)
+    size_needed = any(_attrs(o)[:2] == (colour, shape) and _attrs(o)[2] != size for o in objects)
+    words = ([size] if size_needed or size_in_caption else []) + [colour, shape]
+    desc = " ".join(words)
+    return {"caption": SINGULAR_TEMPLATES[_template_index(caption, target_words)].format(a=_article(desc), d=desc),
+            "target_words": words, "boxes": [list(obj["box"])]}
 
 
 def pixel_sha256(image: np.ndarray) -> str:

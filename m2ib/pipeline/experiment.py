@@ -194,7 +194,9 @@ def _run(cfg: dict, run_dir: Optional[Path], tally: _Tally) -> dict:
                                 work_dir=Path(cfg["cache_dir"]), progress=progress)
         merged = None
         for metric, (spec, params) in specs.items():
+            tic = time.perf_counter()
             rows = spec.score(att, adapter, samples, context, **params)
+            timings[name][f"{metric}_seconds_per_pair"] = (time.perf_counter() - tic) / len(samples)
             if rows.empty:
                 continue
             if spec.table is not None:
