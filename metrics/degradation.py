@@ -142,7 +142,8 @@ def degradation_scores(attribution: Attribution, adapter: ModelAdapter, samples:
                       f"degradation {attribution.method}/{modality}", progress)
 
 
-@register_metric("degradation", columns=("degradation",), curves=("morf", "lerf"))
+@register_metric("degradation", columns=("degradation",), curves=("morf", "lerf"),
+                 curve_axes=("fraction of tiles / words removed", "normalised similarity"))
 def degradation(attribution: Attribution, adapter: ModelAdapter, samples: Sequence[Sample], context: MetricContext,
                 modalities: list = ("image", "text"), tile: Optional[int] = None, steps: int = 20,
                 baseline: str = "mean", blur_sigma: Optional[float] = None, batch_size: int = 32) -> pd.DataFrame:

@@ -113,7 +113,8 @@ def deletion_scores(attribution: Attribution, adapter: ModelAdapter, samples: Se
 
 
 @register_metric("deletion", columns=("deletion_auc", "insertion_auc", "deletion_auc_norm", "insertion_auc_norm"),
-                 curves=("deletion", "insertion"))
+                 curves=("deletion", "insertion"),
+                 curve_axes=("fraction of pixels / words deleted or inserted", "similarity"))
 def deletion(attribution: Attribution, adapter: ModelAdapter, samples: Sequence[Sample], context: MetricContext,
              modalities: list = ("image", "text"), steps: int = 20, baseline_value: float = 0.0,
              blur_sigma: Optional[float] = None, batch_size: int = 32) -> pd.DataFrame:

@@ -152,7 +152,8 @@ def road_scores(attribution: Attribution, adapter: ModelAdapter, samples: Sequen
 
 
 @register_metric("road", columns=("road_morf", "road_lerf", "road_combined"),
-                 curves=("road_morf_curve", "road_lerf_curve"))
+                 curves=("road_morf_curve", "road_lerf_curve"),
+                 curve_axes=("step over `percentiles` (share of pixels removed, ascending)", "similarity change s' - s"))
 def road(attribution: Attribution, adapter: ModelAdapter, samples: Sequence[Sample], context: MetricContext,
          percentiles: list = PERCENTILES) -> pd.DataFrame:
     """ROAD MoRF / LeRF / combined per pair on the image map (no text rows; module docstring)."""

@@ -11,7 +11,8 @@ name, the value columns a table aggregates, and how its rows are tabulated:
 `curves=(name, ...)`: columns of the rows whose cells are 1-D arrays (one curve per pair, equal length
 within a method and modality, e.g. the similarity after each deletion step); they stay out of the table
 and its per-pair rows, and the pipeline writes their mean and bootstrap interval per step
-(<stem>.<metric>-curves.csv) and one figure per curve (m2ib.pipeline.curves).
+(<stem>.<metric>-curves.csv) and one figure per curve (m2ib.pipeline.curves), its axes labelled by
+`curve_axes` (x: what a step removes or inserts, y: the value tracked).
 The keyword defaults of `score` are the metric's parameters: their types are checked before any model
 or data is loaded.
 """
@@ -48,16 +49,18 @@ class MetricSpec:
     whole_dataset: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)
     curves: tuple[str, ...] = ()
+    curve_axes: tuple[str, str] = ("fraction removed", "similarity")
 
     def check_params(self, params: dict) -> dict:
         return check_params(f"metric {self.name!r}", params or {}, self.defaults)
 
 
 def register_metric(name: str, columns: Sequence[str], table: Optional[Callable] = None,
-                    whole_dataset: bool = False, curves: Sequence[str] = ()):
+                    whole_dataset: bool = False, curves: Sequence[str] = (),
+                    curve_axes: tuple[str, str] = ("fraction removed", "similarity")):
     """Function decorator: register score(attribution, adapter, samples, context, **params) as a metric."""
     def wrap(fn):
         METRICS.register(name, MetricSpec(name, fn, tuple(columns), table, whole_dataset,
-                                          signature_defaults(fn, skip=4), tuple(curves)))
+                                          signature_defaults(fn, skip=4), tuple(curves), tuple(curve_axes)))
         return fn
     return wrap

@@ -34,7 +34,7 @@ def summarise_curves(rows: pd.DataFrame, curves: Sequence[str], seed: int = 0) -
     return pd.DataFrame(out)
 
 
-def plot_curves(summary: pd.DataFrame, path, title: str) -> Path:
+def plot_curves(summary: pd.DataFrame, path, title: str, axes_labels=("fraction removed", "similarity")) -> Path:
     """One panel per (curve, modality): methods as lines with their intervals shaded."""
     panels = summary[["curve", "modality"]].drop_duplicates().values.tolist()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
@@ -45,15 +45,16 @@ def plot_curves(summary: pd.DataFrame, path, title: str) -> Path:
             ax.plot(x, g["mean"], label=method, lw=1.2)
             ax.fill_between(x, g.ci_low, g.ci_high, alpha=0.15)
         ax.set_title(f"{curve} ({modality})", fontsize=9)
-        ax.set_xlabel("fraction removed / inserted")
-        ax.set_ylabel("similarity")
+        ax.set_xlabel(axes_labels[0])
+        ax.set_ylabel(axes_labels[1])
     axes[0][-1].legend(fontsize=6, ncol=2)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
 
 
-def write_curves(rows: pd.DataFrame, curves: Sequence[str], out_dir, stem: str, metric: str, seed: int = 0) -> dict:
+def write_curves(rows: pd.DataFrame, curves: Sequence[str], out_dir, stem: str, metric: str, seed: int = 0,
+                 axes_labels=("fraction removed", "similarity")) -> dict:
     """<stem>.<metric>-curves.csv and <stem>.<metric>-curves.png."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,5 +62,5 @@ def write_curves(rows: pd.DataFrame, curves: Sequence[str], out_dir, stem: str, 
     paths = {f"{metric}_curves": out / f"{stem}.{metric}-curves.csv"}
     summary.to_csv(paths[f"{metric}_curves"], index=False, float_format="%.6g")
     if not summary.empty:
-        paths[f"{metric}_curves_png"] = plot_curves(summary, out / f"{stem}.{metric}-curves.png", metric)
+        paths[f"{metric}_curves_png"] = plot_curves(summary, out / f"{stem}.{metric}-curves.png", metric, axes_labels)
     return paths

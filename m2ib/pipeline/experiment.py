@@ -232,7 +232,8 @@ def _run(cfg: dict, run_dir: Optional[Path], tally: _Tally) -> dict:
     for metric, frames in curve_rows.items():
         rows = pd.concat(frames, ignore_index=True)
         for out in out_dirs:
-            result["paths"].update(write_curves(rows, specs[metric][0].curves, out, stem, metric, seed))
+            spec = specs[metric][0]
+            result["paths"].update(write_curves(rows, spec.curves, out, stem, metric, seed, spec.curve_axes))
         result[f"{metric}_curves"] = rows
     for metric, frames in own_rows.items():
         rows = pd.concat(frames, ignore_index=True)
