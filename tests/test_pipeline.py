@@ -192,6 +192,7 @@ def test_shards_partition_the_data_and_merge_into_one_table(tmp_path):
     ("+data.colour=red", r"data set 'embedded': unknown key\(s\) \['colour'\]"),
     ("model.finetune_lr=abc", "model config: parameter finetune_lr must be a number"),
     ("+model.m2ib.image_layr=1", r"model.m2ib: unknown parameter\(s\) \['image_layr'\]"),
+    ("+model.m2ib=5", "model.m2ib must be a mapping"),
     ("metric=[roar] data.num_shards=2", "needs the whole data set"),
     ("data.shard=2 data.num_shards=2", "data.shard must be in 0..num_shards-1"),
 ])

@@ -120,6 +120,8 @@ def check_model_config(model: dict) -> None:
         raise InputError("model.name must be set (e.g. model=embedded, or model.name=ViT-B-32)")
     if model.get("pretrained") is not None and not isinstance(model["pretrained"], str):
         raise InputError(f"model.pretrained must be null, an open_clip tag or a file path, got {model['pretrained']!r}")
+    if not isinstance(model.get("m2ib") or {}, dict):
+        raise InputError(f"model.m2ib must be a mapping of {sorted(M2IB_SETTING_KEYS)}, got {model['m2ib']!r}")
     check_params("model.m2ib", model.get("m2ib") or {}, M2IB_SETTING_KEYS)
 
 
