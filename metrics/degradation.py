@@ -20,8 +20,8 @@ Image, per pair (choices the paper leaves open are marked *):
   tiles after step k, K = min(steps, N) (one tile per step when there are at most `steps` tiles).
 - Each curve is normalised between the full input (1) and the fully degraded input (0):
   (s_k - s_all_removed) / (s_full - s_all_removed), as IBA normalises by the original and the fully
-  degraded output; * where |s_full - s_all_removed| < 1e-6 the pair's curves and score are NaN (the
-  ratio is undefined) and the tables count the pair out.
+  degraded output; * unless s_full - s_all_removed >= 0.05 (curves_common.MIN_GAP) the pair's curves
+  and score are NaN (the ratio is unstable or undefined) and the tables count the pair out.
 - degradation = area under LeRF - area under MoRF, trapezoid over the fraction of tiles removed in
   [0, 1]; higher is better (the map's top removes the similarity and its bottom keeps it). Range [-1, 1]
   for curves within [0, 1]; non-monotone curves can leave that range.
@@ -48,7 +48,7 @@ from m2ib.core.errors import InputError
 from m2ib.core.metric import MetricContext, register_metric
 from m2ib.core.records import Attribution, Sample
 from m2ib.models.base import ModelAdapter
-from metrics.curves_common import (Pair, check_counts, explained_modalities, gaussian_blur, normalise_curve,
+from metrics.curves_common import (MIN_GAP, Pair, check_counts, explained_modalities, gaussian_blur, normalise_curve,
                                    on_grid, ranking, ranks, removal_counts, replace_in_order, resolve_blur_sigma,
                                    run_curves, trapezoid_auc, word_drops)
 
@@ -78,16 +78,16 @@ def tile_means(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def summarise(s_full: float, s_removed: float, morf_inner: np.ndarray, lerf_inner: np.ndarray,
-              fractions: np.ndarray, steps: int) -> dict:
+              fractions: np.ndarray, steps: int, min_gap: float = MIN_GAP) -> dict:
     """Normalised MoRF/LeRF curves from their inner points, their areas and the score."""
-    morf = normalise_curve(np.r_[s_full, morf_inner, s_removed], s_full, s_removed)
-    lerf = normalise_curve(np.r_[s_full, lerf_inner, s_removed], s_full, s_removed)
+    morf = normalise_curve(np.r_[s_full, morf_inner, s_removed], s_full, s_removed, min_gap)
+    lerf = normalise_curve(np.r_[s_full, lerf_inner, s_removed], s_full, s_removed, min_gap)
     morf_auc, lerf_auc = trapezoid_auc(morf, fractions), trapezoid_auc(lerf, fractions)
     return {"degradation": lerf_auc - morf_auc, "morf_auc": morf_auc, "lerf_auc": lerf_auc,
             "morf": on_grid(fractions, morf, steps), "lerf": on_grid(fractions, lerf, steps)}
 
 
-def _image_plan(labels: np.ndarray, steps: int, baseline: str, sigma: float):
+def _image_plan(labels: np.ndarray, steps: int, baseline: str, sigma: float, min_gap: float):
     def plan(pair: Pair):
         values = tile_means(pair.values, labels)
         morf, lerf = ranking(values), ranking(values, descending=False)
@@ -102,12 +102,12 @@ def _image_plan(labels: np.ndarray, steps: int, baseline: str, sigma: float):
 
         def finish(s_full: float, r: dict) -> dict:
             return summarise(s_full, r["removed"][0], r["morf"], r["morf" if same else "lerf"],
-                             counts / len(values), steps)
+                             counts / len(values), steps, min_gap)
         return requests, finish
     return plan
 
 
-def _text_plan(steps: int):
+def _text_plan(steps: int, min_gap: float):
     def plan(pair: Pair):
         n = len(pair.positions)
         morf, lerf = ranking(pair.values), ranking(pair.values, descending=False)
@@ -118,14 +118,15 @@ def _text_plan(steps: int):
             requests[name] = (len(counts) - 2, word_drops(pair.length, pair.positions, ranks(order), counts[1:-1]))
 
         def finish(s_full: float, r: dict) -> dict:
-            return summarise(s_full, r["removed"][0], r["morf"], r["morf" if same else "lerf"], counts / n, steps)
+            return summarise(s_full, r["removed"][0], r["morf"], r["morf" if same else "lerf"], counts / n, steps,
+                             min_gap)
         return requests, finish
     return plan
 
 
 def degradation_scores(attribution: Attribution, adapter: ModelAdapter, samples: Sequence[Sample],
                        modality: str = "image", tile: Optional[int] = None, steps: int = 20, baseline: str = "mean",
-                       blur_sigma: Optional[float] = None, batch_size: int = 32,
+                       blur_sigma: Optional[float] = None, batch_size: int = 32, min_gap: float = MIN_GAP,
                        progress: bool = False) -> pd.DataFrame:
     """One row per sample: degradation, morf_auc, lerf_auc and the curves morf, lerf (module docstring)."""
     if modality not in MODALITIES:
@@ -135,9 +136,9 @@ def degradation_scores(attribution: Attribution, adapter: ModelAdapter, samples:
         raise InputError(f"degradation: baseline must be one of {BASELINES}, got {baseline!r}")
     if modality == "image":
         plan = _image_plan(tile_labels(adapter.image_size, tile_size(adapter, tile)), steps, baseline,
-                           resolve_blur_sigma(adapter, blur_sigma))
+                           resolve_blur_sigma(adapter, blur_sigma), min_gap)
     else:
-        plan = _text_plan(steps)
+        plan = _text_plan(steps, min_gap)
     return run_curves(attribution, adapter, samples, modality, plan, batch_size,
                       f"degradation {attribution.method}/{modality}", progress)
 
@@ -146,10 +147,11 @@ def degradation_scores(attribution: Attribution, adapter: ModelAdapter, samples:
                  curve_axes=("fraction of tiles / words removed", "normalised similarity"))
 def degradation(attribution: Attribution, adapter: ModelAdapter, samples: Sequence[Sample], context: MetricContext,
                 modalities: list = ("image", "text"), tile: Optional[int] = None, steps: int = 20,
-                baseline: str = "mean", blur_sigma: Optional[float] = None, batch_size: int = 32) -> pd.DataFrame:
+                baseline: str = "mean", blur_sigma: Optional[float] = None, batch_size: int = 32,
+                min_gap: float = MIN_GAP) -> pd.DataFrame:
     """degradation_scores for each explained modality (a modality without a map: a warning, no rows)."""
     frames = [degradation_scores(attribution, adapter, samples, modality=m, tile=tile, steps=steps,
                                  baseline=baseline, blur_sigma=blur_sigma, batch_size=batch_size,
-                                 progress=context.progress)
+                                 min_gap=min_gap, progress=context.progress)
               for m in explained_modalities(attribution, modalities, "degradation")]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -22,8 +22,9 @@ Image, per pair:
   row of 224 pixels, 224 steps; * here `steps`, coarser and cheaper).
 - deletion_auc_norm / insertion_auc_norm: the same areas after normalising each curve between its
   endpoints, (s - s_end) / (s_full - s_end) for deletion and (s - s_canvas) / (s_full - s_canvas) for
-  insertion, which removes the level and compares shapes only; * NaN where the endpoints differ by less
-  than 1e-6 (undefined ratio), counted out by the tables.
+  insertion, which removes the level and compares shapes only; * NaN unless s_full exceeds the other
+  endpoint by at least 0.05 (curves_common.MIN_GAP: a near-zero denominator explodes), counted out by
+  the tables.
 Text (the analogue): word tokens (never start/end of text or padding) ranked by their scores with the same
 tie rule; deletion blanks them (TextBatch.with_blanks, the adapter's blank token) in decreasing score order;
 insertion starts from every word blanked and restores them in that order; one word per step, or `steps`
@@ -45,22 +46,22 @@ from m2ib.core.errors import InputError
 from m2ib.core.metric import MetricContext, register_metric
 from m2ib.core.records import Attribution, Sample
 from m2ib.models.base import ModelAdapter
-from metrics.curves_common import (Pair, check_counts, explained_modalities, gaussian_blur, normalise_curve,
+from metrics.curves_common import (MIN_GAP, Pair, check_counts, explained_modalities, gaussian_blur, normalise_curve,
                                    on_grid, ranking, ranks, removal_counts, replace_in_order, resolve_blur_sigma,
                                    run_curves, trapezoid_auc, word_drops)
 
 
 def summarise(s_full: float, deletion: np.ndarray, insertion: np.ndarray, fractions: np.ndarray,
-              steps: int) -> dict:
+              steps: int, min_gap: float = MIN_GAP) -> dict:
     """Areas (raw and normalised) and the curves on the common grid, from the full curves."""
     return {"deletion_auc": trapezoid_auc(deletion, fractions),
             "insertion_auc": trapezoid_auc(insertion, fractions),
-            "deletion_auc_norm": trapezoid_auc(normalise_curve(deletion, s_full, deletion[-1]), fractions),
-            "insertion_auc_norm": trapezoid_auc(normalise_curve(insertion, s_full, insertion[0]), fractions),
+            "deletion_auc_norm": trapezoid_auc(normalise_curve(deletion, s_full, deletion[-1], min_gap), fractions),
+            "insertion_auc_norm": trapezoid_auc(normalise_curve(insertion, s_full, insertion[0], min_gap), fractions),
             "deletion": on_grid(fractions, deletion, steps), "insertion": on_grid(fractions, insertion, steps)}
 
 
-def _image_plan(steps: int, baseline_value: float, sigma: float):
+def _image_plan(steps: int, baseline_value: float, sigma: float, min_gap: float):
     def plan(pair: Pair):
         pixels = pair.pixels
         order = ranking(pair.values.ravel())
@@ -74,12 +75,12 @@ def _image_plan(steps: int, baseline_value: float, sigma: float):
 
         def finish(s_full: float, r: dict) -> dict:
             return summarise(s_full, np.r_[s_full, r["deletion"]], np.r_[r["canvas"], r["insertion"], s_full],
-                             counts / len(order), steps)
+                             counts / len(order), steps, min_gap)
         return requests, finish
     return plan
 
 
-def _text_plan(steps: int):
+def _text_plan(steps: int, min_gap: float):
     def plan(pair: Pair):
         n = len(pair.positions)
         word_ranks = ranks(ranking(pair.values))
@@ -91,14 +92,15 @@ def _text_plan(steps: int):
         def finish(s_full: float, r: dict) -> dict:
             blank = r["deletion"][-1]     # every word blanked: the end of deletion and the start of insertion
             return summarise(s_full, np.r_[s_full, r["deletion"]], np.r_[blank, r["insertion"], s_full],
-                             counts / n, steps)
+                             counts / n, steps, min_gap)
         return requests, finish
     return plan
 
 
 def deletion_scores(attribution: Attribution, adapter: ModelAdapter, samples: Sequence[Sample],
                     modality: str = "image", steps: int = 20, baseline_value: float = 0.0,
-                    blur_sigma: Optional[float] = None, batch_size: int = 32, progress: bool = False) -> pd.DataFrame:
+                    blur_sigma: Optional[float] = None, batch_size: int = 32, min_gap: float = MIN_GAP,
+                    progress: bool = False) -> pd.DataFrame:
     """One row per sample: deletion_auc, insertion_auc, their _norm variants and the two curves."""
     if modality not in MODALITIES:
         raise InputError(f"modality must be one of {MODALITIES}, got {modality!r}")
@@ -106,8 +108,8 @@ def deletion_scores(attribution: Attribution, adapter: ModelAdapter, samples: Se
     if isinstance(baseline_value, bool) or not isinstance(baseline_value, (int, float)) \
             or not math.isfinite(baseline_value):
         raise InputError(f"deletion: baseline_value must be a finite number, got {baseline_value!r}")
-    plan = (_image_plan(steps, float(baseline_value), resolve_blur_sigma(adapter, blur_sigma)) if modality == "image"
-            else _text_plan(steps))
+    plan = (_image_plan(steps, float(baseline_value), resolve_blur_sigma(adapter, blur_sigma), min_gap)
+            if modality == "image" else _text_plan(steps, min_gap))
     return run_curves(attribution, adapter, samples, modality, plan, batch_size,
                       f"deletion {attribution.method}/{modality}", progress)
 
@@ -117,9 +119,10 @@ def deletion_scores(attribution: Attribution, adapter: ModelAdapter, samples: Se
                  curve_axes=("fraction of pixels / words deleted or inserted", "similarity"))
 def deletion(attribution: Attribution, adapter: ModelAdapter, samples: Sequence[Sample], context: MetricContext,
              modalities: list = ("image", "text"), steps: int = 20, baseline_value: float = 0.0,
-             blur_sigma: Optional[float] = None, batch_size: int = 32) -> pd.DataFrame:
+             blur_sigma: Optional[float] = None, batch_size: int = 32, min_gap: float = MIN_GAP) -> pd.DataFrame:
     """deletion_scores for each explained modality (a modality without a map: a warning, no rows)."""
     frames = [deletion_scores(attribution, adapter, samples, modality=m, steps=steps, baseline_value=baseline_value,
-                              blur_sigma=blur_sigma, batch_size=batch_size, progress=context.progress)
+                              blur_sigma=blur_sigma, batch_size=batch_size, min_gap=min_gap,
+                              progress=context.progress)
               for m in explained_modalities(attribution, modalities, "deletion")]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -105,6 +105,11 @@ def test_steps_ties_and_normalisation_rules():
     assert ranking(np.ones(5)).tolist() == ranking(np.ones(5), descending=False).tolist() == [0, 1, 2, 3, 4]
     assert normalise_curve(np.array([0.8, 0.5, 0.2]), 0.8, 0.2).tolist() == pytest.approx([1.0, 0.5, 0.0])
     assert np.isnan(normalise_curve(np.array([0.3, 0.3]), 0.3, 0.3 + 1e-9)).all()
+    # a gap below min_gap (default 0.05) or a negative one: the ratio would explode, so NaN
+    assert np.isnan(normalise_curve(np.array([0.34, 0.3]), 0.34, 0.3)).all()
+    assert normalise_curve(np.array([0.34, 0.3]), 0.34, 0.3, min_gap=0.01).tolist() == pytest.approx([1.0, 0.0])
+    assert np.isnan(normalise_curve(np.array([0.2, 0.3]), 0.2, 0.3)).all()           # removal raised s
+    assert normalise_curve(np.array([0.2, 0.3]), 0.2, 0.3, min_gap=0.0).tolist() == pytest.approx([1.0, 0.0])
 
 
 def test_tiles_and_blur():
@@ -177,19 +182,23 @@ def test_no_measurable_change_gives_nan_not_a_number():
 
 
 # ---- the tiny random model ----------------------------------------------------------------------------
+#: The random tiny model's similarity barely moves when inputs are removed (gaps of ~1e-3), below the
+#: default MIN_GAP (0.05, chosen on the trained embedded model); these tests check mechanics, so they lower it.
+TINY = {"min_gap": 0.0}
+
 def test_constant_map_scores_exactly_zero_and_reversed_map_negates(tiny_adapter, samples):
     a = tiny_adapter
     const = make_attr(a, samples, image=np.ones((3, 32, 32)), text=np.ones((3, 77)))
     for modality in ("image", "text"):
-        rows = degradation_scores(const, a, samples, modality=modality, batch_size=5)
+        rows = degradation_scores(const, a, samples, modality=modality, batch_size=5, **TINY)
         assert (rows.degradation == 0.0).all(), modality
         assert all(np.array_equal(m, l) for m, l in zip(rows.morf, rows.lerf))
     rng = np.random.default_rng(2)
     image, text = rng.random((3, 32, 32)), rng.random((3, 77))
     for modality in ("image", "text"):
-        one = degradation_scores(make_attr(a, samples, image=image, text=text), a, samples, modality=modality)
+        one = degradation_scores(make_attr(a, samples, image=image, text=text), a, samples, modality=modality, **TINY)
         other = degradation_scores(make_attr(a, samples, image=-image, text=-text), a, samples, modality=modality,
-                                   batch_size=7)
+                                   batch_size=7, **TINY)
         assert (one.degradation.abs() > 1e-3).all(), modality
         np.testing.assert_allclose(other.degradation, -one.degradation, atol=1e-5)
         np.testing.assert_allclose(np.stack(other.morf), np.stack(one.lerf), atol=1e-5)
@@ -198,7 +207,7 @@ def test_constant_map_scores_exactly_zero_and_reversed_map_negates(tiny_adapter,
 def test_deletion_and_insertion_curves_hit_their_endpoints(tiny_adapter, samples):
     a = tiny_adapter
     ramp = -np.tile(np.arange(32.0), (3, 32, 1))                       # left columns first
-    rows = deletion_scores(make_attr(a, samples, image=ramp), a, samples, steps=4, batch_size=3)
+    rows = deletion_scores(make_attr(a, samples, image=ramp), a, samples, steps=4, batch_size=3, **TINY)
     pixels, text = a.preprocess([s.image for s in samples]), a.tokenize([s.caption for s in samples])
     left_gone = pixels.clone()
     left_gone[..., :16] = 0.0
@@ -222,7 +231,7 @@ def test_text_curves_start_and_end_at_the_right_values(tiny_adapter, samples):
     attr = make_attr(a, samples, text=scores)
     pixels = a.preprocess([s.image for s in samples])
     full, blank = sim(a, pixels, text), sim(a, pixels, text.with_blanks(text.word_mask, a.blank_token_id))
-    rows = deletion_scores(attr, a, samples, modality="text")
+    rows = deletion_scores(attr, a, samples, modality="text", **TINY)
     dele, ins = np.stack(rows.deletion), np.stack(rows.insertion)
     np.testing.assert_allclose(dele[:, 0], full, atol=1e-6)
     np.testing.assert_allclose(dele[:, -1], blank, atol=1e-5)
@@ -237,7 +246,7 @@ def test_text_curves_start_and_end_at_the_right_values(tiny_adapter, samples):
         drop[0, order[:c]] = True
         curve.append(sim(a, pixels[[1]], text.select([1]).with_blanks(drop, a.blank_token_id))[0])
     assert len(curve) == 4 and rows.deletion_auc[1] == pytest.approx(trapezoid_auc(curve), abs=1e-6)
-    deg = degradation_scores(attr, a, samples, modality="text")
+    deg = degradation_scores(attr, a, samples, modality="text", **TINY)
     assert all(m[0] == 1.0 and m[-1] == 0.0 for m in deg.morf)
 
 
@@ -245,10 +254,10 @@ def test_batch_size_and_modalities(tiny_adapter, samples, caplog):
     a = tiny_adapter
     maps = np.random.default_rng(4).random((3, 32, 32))
     attr = make_attr(a, samples, image=maps)
-    one = degradation_scores(attr, a, samples, batch_size=1, baseline="blur")
-    many = degradation_scores(attr, a, samples, batch_size=64, baseline="blur")
+    one = degradation_scores(attr, a, samples, batch_size=1, baseline="blur", **TINY)
+    many = degradation_scores(attr, a, samples, batch_size=64, baseline="blur", **TINY)
     np.testing.assert_allclose(one.degradation, many.degradation, atol=1e-5)
-    mean = degradation_scores(attr, a, samples, batch_size=64)
+    mean = degradation_scores(attr, a, samples, batch_size=64, **TINY)
     assert not np.allclose(mean.degradation, many.degradation)            # the baseline matters
     with caplog.at_level(logging.WARNING):
         for name in ("degradation", "deletion"):
@@ -256,13 +265,13 @@ def test_batch_size_and_modalities(tiny_adapter, samples, caplog):
             assert rows.modality.tolist() == ["image"] * 3, name
     assert "explains no text" in caplog.text
     with pytest.raises(InputError, match="baseline"):
-        degradation_scores(attr, a, samples, baseline="noise")
+        degradation_scores(attr, a, samples, baseline="noise", **TINY)
     with pytest.raises(InputError, match="tile"):
-        degradation_scores(attr, a, samples, tile=0)
+        degradation_scores(attr, a, samples, tile=0, **TINY)
     with pytest.raises(InputError, match="modalities"):
         METRICS.get("deletion").score(attr, a, samples, MetricContext(), modalities=["audio"])
     with pytest.raises(InputError, match="steps"):
-        deletion_scores(attr, a, samples, steps=0)
+        deletion_scores(attr, a, samples, steps=0, **TINY)
     with pytest.raises(InputError, match="parameter steps"):
         METRICS.get("deletion").check_params({"steps": 2.5})
 
@@ -273,7 +282,8 @@ def test_both_metrics_run_through_the_pipeline(tmp_path):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = OmegaConf.to_container(compose("config", overrides=[
             "model=tiny", "data.limit=3", "method=[random,saliency]", "metric=[degradation,deletion]",
-            "metric.degradation.steps=8", "metric.deletion.steps=8"]), resolve=True)
+            "metric.degradation.steps=8", "metric.deletion.steps=8", "metric.degradation.min_gap=0.0",
+            "metric.deletion.min_gap=0.0"]), resolve=True)
     cfg.update(cache_dir=str(tmp_path / "cache"), results_dir=str(tmp_path / "tables"), progress=False, figures=False)
     result = run_experiment(cfg)
     paths = result["paths"]
