@@ -37,13 +37,17 @@ def summarise_curves(rows: pd.DataFrame, curves: Sequence[str], seed: int = 0) -
 def plot_curves(summary: pd.DataFrame, path, title: str, axes_labels=("fraction removed", "similarity")) -> Path:
     """One panel per (curve, modality): methods as lines with their intervals shaded."""
     panels = summary[["curve", "modality"]].drop_duplicates().values.tolist()
+    methods = list(dict.fromkeys(summary.method))
+    colours = plt.cm.tab20(np.linspace(0, 1, 20))        # 20 distinct colours: no two methods share one
+    style = {m: (colours[(2 * i) % 20 + (2 * i) // 20 % 2], "-" if i < 10 else "--") for i, m in enumerate(methods)}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (curve, modality) in zip(axes[0], panels):
         part = summary[(summary.curve == curve) & (summary.modality == modality)]
         for method, g in part.groupby("method", sort=False):
             x = g.step / max(int(g.step.max()), 1)
-            ax.plot(x, g["mean"], label=method, lw=1.2)
-            ax.fill_between(x, g.ci_low, g.ci_high, alpha=0.15)
+            colour, line = style[method]
+            ax.plot(x, g["mean"], label=method, lw=1.2, color=colour, linestyle=line)
+            ax.fill_between(x, g.ci_low, g.ci_high, alpha=0.12, color=colour)
         ax.set_title(f"{curve} ({modality})", fontsize=9)
         ax.set_xlabel(axes_labels[0])
         ax.set_ylabel(axes_labels[1])
