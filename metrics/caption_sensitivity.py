@@ -50,34 +50,21 @@ import pandas as pd
 from scipy.stats import rankdata
 
 from m2ib.core.errors import InputError
-from m2ib.core.geometry import boxes_to_mask
 from m2ib.core.metric import MetricContext, register_metric
 from m2ib.core.records import Attribution, Sample
 from m2ib.models.base import ModelAdapter
-from metrics.inputs import image_maps, sample_ids
+from metrics.inputs import frame_mask, image_maps, sample_ids
+from metrics.sanity import spearman
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("named_first_true", "named_first_alt", "named_first_both", "box_shift", "caption_rank_corr")
-
-def _frame_mask(adapter: ModelAdapter, boxes, image) -> np.ndarray:
-    frame = adapter.box_to_input_frame(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), image.size)
-    h, w = adapter.image_size
-    return boxes_to_mask(frame, (w, h))
 
 
 def percentile_ranks(values: np.ndarray) -> np.ndarray:
     """(rank - 0.5) / n over all pixels, ties at their average rank (a constant map is all 0.5)."""
     flat = np.asarray(values, dtype=np.float64).ravel()
     return ((rankdata(flat, method="average") - 0.5) / flat.size).reshape(np.shape(values))
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation of two maps over all pixels (NaN if either is constant)."""
-    ra, rb = rankdata(np.ravel(a)), rankdata(np.ravel(b))
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def grounded_scores(true_map: np.ndarray, alt_map: np.ndarray, target: np.ndarray, other: np.ndarray) -> dict:
@@ -153,8 +140,8 @@ def caption_sensitivity(attribution: Attribution, adapter: ModelAdapter, samples
                **dict.fromkeys(COLUMNS, float("nan"))}
         if i in alt_rows and len(s.boxes):
             k, boxes = alt_rows[i]
-            target = _frame_mask(adapter, s.boxes, s.image)
-            other_box = _frame_mask(adapter, boxes, s.image)
+            target = frame_mask(adapter, s.boxes, s.image.size)
+            other_box = frame_mask(adapter, boxes, s.image.size)
             row.update(grounded_scores(maps[i], other_maps[k], target, other_box))
         if i in swap_rows:
             row["caption_rank_corr"] = spearman(maps[i], other_maps[swap_rows[i]])
@@ -162,5 +149,5 @@ def caption_sensitivity(attribution: Attribution, adapter: ModelAdapter, samples
     return pd.DataFrame(rows)
 
 
-__all__ = ["COLUMNS", "grounded_scores", "percentile_ranks", "spearman",
+__all__ = ["COLUMNS", "grounded_scores", "percentile_ranks",
            "swap_partner", "caption_sensitivity"]

@@ -81,6 +81,14 @@ def text_scores(attribution: Attribution, samples: Sequence[Sample]) -> tuple[np
     return scores, mask
 
 
+def frame_mask(adapter: ModelAdapter, boxes, original_size: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool union of x, y, w, h boxes given in an image of original_size (width, height), mapped
+    through the model's resize + centre crop (adapter.box_to_input_frame); empty where all are cropped away."""
+    frame = adapter.box_to_input_frame(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), original_size)
+    h, w = adapter.image_size
+    return boxes_to_mask(frame, (w, h))
+
+
 def box_mask(adapter: ModelAdapter, sample: Sample) -> np.ndarray:
     """Union of the sample's true boxes as an (H, W) bool mask in the preprocessed frame.
 
@@ -96,9 +104,7 @@ def box_mask(adapter: ModelAdapter, sample: Sample) -> np.ndarray:
     if not np.isfinite(boxes).all() or (boxes[:, 2:] <= 0).any():
         raise InputError(f"sample {sample.id!r}: boxes must be finite with positive width and height, "
                          f"got {boxes.tolist()}")
-    frame = adapter.box_to_input_frame(boxes, sample.image.size)
-    h, w = adapter.image_size
-    mask = boxes_to_mask(frame, (w, h))
+    mask = frame_mask(adapter, boxes, sample.image.size)
     if not mask.any():
         raise InputError(f"sample {sample.id!r}: its boxes {boxes.tolist()} fall outside the preprocessed "
                          f"frame (cropped away by the model's centre crop)")

@@ -19,13 +19,13 @@ import pandas as pd
 import yaml
 
 from m2ib.core.errors import InputError
-from m2ib.core.metric import METRICS as _REGISTRY
+from m2ib.core.metric import table_columns
 from m2ib.pipeline.cache import code_version
 from m2ib.pipeline.provenance import check_publishable, git_state, package_versions
 from m2ib.pipeline.tables import write_meta
 
 #: Every per-pair value column of every registered metric (own-table metrics such as sanity excluded).
-METRICS = [c for name in _REGISTRY.names() if _REGISTRY.get(name).table is None for c in _REGISTRY.get(name).columns]
+METRICS = table_columns()
 
 
 def collect(sweep_dir: Path) -> tuple[pd.DataFrame, list[str]]:

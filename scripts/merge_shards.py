@@ -17,7 +17,7 @@ import pandas as pd
 from m2ib.core.errors import InputError
 from m2ib.pipeline.experiment import GROUP_BY
 from m2ib.pipeline.provenance import check_overwrite
-from m2ib.core.metric import METRICS
+from m2ib.core.metric import table_columns
 from m2ib.pipeline.tables import aggregate, write_table
 
 
@@ -37,8 +37,7 @@ def main(argv=None) -> int:
         print(f"error: incomplete or mixed shards: {sorted(found)}", file=sys.stderr)
         return 2
     rows = pd.concat([pd.read_csv(s) for s in shards], ignore_index=True)
-    values = [c for name in METRICS.names() if METRICS.get(name).table is None
-              for c in METRICS.get(name).columns if c in rows.columns]
+    values = [c for c in table_columns() if c in rows.columns]
     table = aggregate(rows, GROUP_BY, values, seed=args.seed)
     metas = [json.loads(s.with_name(s.name.replace(".rows.csv", ".meta.json")).read_text()) for s in shards]
     identities = {m.get("result_identity") for m in metas}

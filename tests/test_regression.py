@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 import metrics.localisation
 from baselines.attention import GenericAttentionRelevance
 from m2ib.core.attributor import available_methods
-from m2ib.core.metric import METRICS
+from m2ib.core.metric import table_columns
 from m2ib.models.embedded import M2IB_SETTINGS
 from m2ib.pipeline import tables
 from m2ib.pipeline.experiment import GROUP_BY, run_experiment, table_stem
@@ -47,7 +47,7 @@ def reference_csv(cfg) -> Path:
 
 
 def values(cfg):
-    return [c for m in cfg["metric"] for c in METRICS.get(m).columns]
+    return table_columns(cfg["metric"])
 
 
 @pytest.fixture(scope="module")

@@ -64,3 +64,10 @@ def register_metric(name: str, columns: Sequence[str], table: Optional[Callable]
                                           signature_defaults(fn, skip=4), tuple(curves), tuple(curve_axes)))
         return fn
     return wrap
+
+
+def table_columns(names=None) -> list[str]:
+    """The value columns that tables aggregate, of the named metrics (default: every registered one) in
+    order; own-table metrics (sanity) excluded."""
+    specs = [METRICS.get(n) for n in (METRICS.names() if names is None else names)]
+    return [c for spec in specs if spec.table is None for c in spec.columns]

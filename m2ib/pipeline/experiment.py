@@ -18,7 +18,7 @@ import torch
 
 from m2ib.core.attributor import METHODS, attribute_with
 from m2ib.core.errors import InputError, M2IBError
-from m2ib.core.metric import METRICS, MetricContext
+from m2ib.core.metric import METRICS, MetricContext, table_columns
 from m2ib.core.registry import check_params
 from m2ib.data.registry import load_dataset, loader_params
 from m2ib.models.sources import build, resolve
@@ -222,7 +222,7 @@ def _run(cfg: dict, run_dir: Optional[Path], tally: _Tally) -> dict:
     result: dict = {"paths": {}}
     if pair_rows:
         rows = pd.concat(pair_rows, ignore_index=True)
-        values = [c for spec, _ in specs.values() if spec.table is None for c in spec.columns if c in rows.columns]
+        values = [c for c in table_columns(specs) if c in rows.columns]
         table = aggregate(rows, GROUP_BY, values, seed=seed)
         for out in out_dirs:
             result["paths"] = write_table(table, rows, out, stem, GROUP_BY, values, meta)
