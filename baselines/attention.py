@@ -19,48 +19,58 @@ from m2ib.core.attributor import register_method
 from m2ib.core.errors import InputError, UnsupportedError
 
 
+def record_similarity(method: Baseline, modality: str, pixels, text, grad: bool, parts: bool = False):
+    """The explained similarity of each pair computed while `modality`'s attention is recorded, the
+    other modality's embedding held fixed: (score (B,), per-block attention list, per-block parts or
+    None; see ModelAdapter.record_attention). grad: the recorded tensors carry a graph to the score
+    (the input, pixels or token embeddings, requires grad; the weights are frozen)."""
+    adapter = method.adapter
+    with torch.enable_grad() if grad else torch.no_grad():
+        if modality == "image":
+            run = image_score_fn(adapter, text_embedding(adapter, text))
+            x = pixels.detach().clone().requires_grad_(grad)
+        else:
+            run = embedding_score_fn(adapter, text, image_embedding(adapter, pixels))
+            x = adapter.embed_tokens(text)[:, : text_length(adapter, text)].detach().requires_grad_(grad)
+        try:
+            with (adapter.record_attention(modality, parts=True) if parts
+                  else adapter.record_attention(modality)) as rec:
+                score = run(x)
+        except UnsupportedError:
+            raise
+        except NotImplementedError as exc:
+            raise UnsupportedError(f"{method.name}: model {adapter.name} cannot record {modality} "
+                                   f"attention: {exc}") from exc
+    attn = require_attention(adapter, modality, rec, method.name)
+    if parts and len(rec.parts) != len(attn):
+        raise UnsupportedError(f"{method.name}: model {adapter.name} reported the query/key/value of "
+                               f"{len(rec.parts)} of its {len(attn)} {modality} blocks")
+    return score, attn, rec.parts if parts else None
+
+
 class _AttentionBaseline(Baseline):
     """Records each block's (B, heads, N, N) attention during one encode and turns it into the
     pooled token's row of per-position values; subclasses say how (`relevance`)."""
 
     needs_grad = False
 
-    def _record(self, modality, run):
-        """Run `run()` while recording `modality` attention; returns (output, attention list)."""
-        try:
-            with self.adapter.record_attention(modality) as rec:
-                out = run()
-        except UnsupportedError:
-            raise
-        except NotImplementedError as exc:
-            raise UnsupportedError(f"{self.name}: model {self.adapter.name} cannot record {modality} "
-                                   f"attention: {exc}") from exc
-        return out, require_attention(self.adapter, modality, rec, self.name)
-
     def relevance(self, attn: list[torch.Tensor], score: torch.Tensor) -> torch.Tensor:
         """(B, N, N) relevance matrix between positions."""
         raise NotImplementedError
 
-    def _rows(self, modality, run, pooled_index):
-        ctx = torch.enable_grad() if self.needs_grad else torch.no_grad()
-        with ctx:
-            score, attn = self._record(modality, run)
+    def _rows(self, modality, pixels, text, pooled_index):
+        score, attn, _ = record_similarity(self, modality, pixels, text, self.needs_grad)
+        with torch.enable_grad() if self.needs_grad else torch.no_grad():
             rel = self.relevance(attn, score)
         rows = torch.arange(rel.shape[0], device=rel.device)
         return rel[rows, pooled_index.to(rel.device)].detach()
 
     def explain_image(self, pixels, text, seeds):
-        score = image_score_fn(self.adapter, text_embedding(self.adapter, text))
-        x = pixels.detach().clone().requires_grad_(self.needs_grad)
         cls = torch.zeros(pixels.shape[0], dtype=torch.long, device=pixels.device)
-        return self.adapter.hidden_to_image_map(self._rows("image", lambda: score(x), cls))
+        return self.adapter.hidden_to_image_map(self._rows("image", pixels, text, cls))
 
     def explain_text(self, pixels, text, seeds):
-        emb = self.adapter.embed_tokens(text)[:, : text_length(self.adapter, text)].detach()
-        emb.requires_grad_(self.needs_grad)
-        score = embedding_score_fn(self.adapter, text, image_embedding(self.adapter, pixels))
-        values = self._rows("text", lambda: score(emb), text.eot)
-        return self.adapter.hidden_to_text_scores(values, text)
+        return self.adapter.hidden_to_text_scores(self._rows("text", pixels, text, text.eot), text)
 
 
 @register_method("raw_attention")

@@ -171,20 +171,51 @@ class ModelAdapter(abc.ABC):
         return out * text.word_mask.to(out.device)
 
     # ---- hooks for baselines and sanity checks ----------------------------------------------
+    #: Whether record_attention(modality, parts=True) is implemented (see there); False refuses it.
+    supports_attention_parts: bool = False
+
     @contextlib.contextmanager
-    def record_attention(self, modality: str) -> Iterator[list]:
+    def record_attention(self, modality: str, parts: bool = False) -> Iterator[list]:
         """Context manager; yields a list that fills with one (B, heads, N, N) attention-probability
         tensor per block (graph kept, so gradients w.r.t. them are available) during encodes.
-        Adapters read self._record[modality] in their block loops."""
+        Adapters read self._record[modality] in their block loops.
+
+        parts=True (adapters with supports_attention_parts; Grad-ECLIP, LeGrad): the yielded
+        AttentionRecord's `.parts` also gets, per block in order, a dict of that block's tensors, all
+        with their graph and all queries (no query_index shortcut while recording):
+          q, k, v: (B, heads, N, head_dim), query/key/value per head as the softmax uses them (q NOT
+                   yet scaled by 1/sqrt(head_dim); after any q/k normalisation the block applies);
+          out:     (B, heads, N, head_dim), softmax(q k^T * scale + mask) v per head, BEFORE the heads
+                   are merged and the output projection applied;
+          hidden:  (B, N, C), the block's output (what prefix() returns after this block).
+        Adapters fill it with add_attention_parts() from their written-out blocks."""
         if modality not in self._record:
             raise InputError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        if parts and not self.supports_attention_parts:
+            raise UnsupportedError(f"model {self.name} ({self.family}) does not report the per-block "
+                                   f"query/key/value of its {modality} encoder (no transformer attention "
+                                   f"exposed by this adapter)")
         if self._record[modality] is not None:
             raise RuntimeError(f"already recording {modality} attention")
-        self._record[modality] = []
+        self._record[modality] = AttentionRecord(parts)
         try:
             yield self._record[modality]
         finally:
             self._record[modality] = None
+
+    def pooled_index(self, modality: str, inputs) -> torch.Tensor:
+        """(B,) long: the position of the hidden state whose last-block output alone becomes the
+        embedding (image: the class token; text: EOT for causal CLIP towers, [CLS] for BERT). Towers
+        that pool several tokens (mean or attention pooling) raise UnsupportedError."""
+        raise UnsupportedError(f"model {self.name} ({self.family}) does not say which token it pools")
+
+    def embed_hidden(self, modality: str, hidden: torch.Tensor, inputs) -> torch.Tensor:
+        """(B, N, C) hidden state after ANY block (as prefix() or record parts give it; rows = inputs)
+        -> (B, D) normalised embedding through the tower's own pooling, final norm and projection,
+        as if the remaining blocks were skipped. After the last block it equals encode(); LeGrad
+        scores every block this way (a 'logit lens')."""
+        raise UnsupportedError(f"model {self.name} ({self.family}) cannot project an intermediate "
+                               f"{modality} hidden state to its embedding space")
 
     def gradcam_target(self, modality: str) -> tuple[torch.nn.Module, Callable]:
         """(module, reshape_transform) for pytorch-grad-cam: the block before the last (after the last
@@ -262,6 +293,22 @@ class ModelAdapter(abc.ABC):
 
     def parameters(self):
         return self.model.parameters()
+
+
+class AttentionRecord(list):
+    """record_attention's list of per-block attention probabilities; `.parts` is a list of per-block
+    tensor dicts when parts were requested, else None."""
+
+    def __init__(self, parts: bool = False):
+        super().__init__()
+        self.parts: Optional[list] = [] if parts else None
+
+
+def add_attention_parts(record: Optional[list], **tensors: torch.Tensor) -> None:
+    """Append one block's q/k/v/out/hidden to record.parts when parts are being recorded."""
+    parts = getattr(record, "parts", None)
+    if parts is not None:
+        parts.append(tensors)
 
 
 def _normalisation(preprocess) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from m2ib.core.errors import UnsupportedError
+from m2ib.models.base import add_attention_parts
 
 try:  # open_clip >= 3
     from open_clip.transformer import ResidualAttentionBlock
@@ -68,6 +69,9 @@ def run_block(block: nn.Module, x: torch.Tensor, attn_mask: Optional[torch.Tenso
         probs = scores.softmax(dim=-1)
         record.append(probs)
         out = probs @ v
+    heads_out = out
     out = attn.out_proj(out.transpose(1, 2).reshape(B, Q, C))
     y = x_q + block.ls_1(out)
-    return y + block.ls_2(block.mlp(block.ln_2(y)))
+    y = y + block.ls_2(block.mlp(block.ln_2(y)))
+    add_attention_parts(record, q=q, k=k, v=v, out=heads_out, hidden=y)
+    return y

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from m2ib.core.errors import InputError, UnsupportedError
 from m2ib.core.records import TextBatch
-from m2ib.models.base import ModelAdapter
+from m2ib.models.base import ModelAdapter, add_attention_parts
 
 _SUPPORTED_POOLERS = ("ClsLastHiddenStatePooler", "ClsPooler", "MeanPooler")
 
@@ -72,11 +72,14 @@ def run_timm_block(block, x: torch.Tensor, query_index: Optional[int] = None,
         probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
         record.append(probs)
         out = probs @ v
+    heads_out = out
     out = attn.norm(out.transpose(1, 2).reshape(B, q.shape[2], attn.attn_dim))
     if gate is not None:
         out = out * gate
     y = x_q + block.ls1(attn.proj(out))
-    return y + block.ls2(block.mlp(block.norm2(y)))
+    y = y + block.ls2(block.mlp(block.norm2(y)))
+    add_attention_parts(record, q=q, k=k, v=v, out=heads_out, hidden=y)
+    return y
 
 
 # ---- BERT layer, written out --------------------------------------------------------------------
@@ -104,9 +107,12 @@ def run_bert_layer(layer, x: torch.Tensor, add_mask: torch.Tensor, query_index: 
         probs = ((q @ k.transpose(-2, -1)) * scale + add_mask.to(q.dtype)).softmax(dim=-1)
         record.append(probs)
         ctx = probs @ v
+    heads_out = ctx
     ctx = ctx.transpose(1, 2).reshape(B, x_q.shape[1], heads * hd)
     a = layer.attention.output(ctx, x_q)
-    return layer.output(layer.intermediate(a), a)
+    y = layer.output(layer.intermediate(a), a)
+    add_attention_parts(record, q=q, k=k, v=v, out=heads_out, hidden=y)
+    return y
 
 
 class OpenClipHFAdapter(ModelAdapter):
@@ -250,8 +256,7 @@ class OpenClipHFAdapter(ModelAdapter):
             for blk in middle:
                 x = run_timm_block(blk, x, record=rec)
             x = run_timm_block(last, x, query_index=self._image_query if rec is None else None, record=rec)
-            pooled = self.trunk.forward_head(self.trunk.norm(x))
-            return F.normalize(self.visual.head(pooled), dim=-1)
+            return self._image_head(x)
         copies = hidden.shape[0] // len(inputs)
         ids = inputs.ids[:, : hidden.shape[1]].repeat_interleave(copies, dim=0)
         mask = self._key_mask(ids, x.dtype)
@@ -276,7 +281,26 @@ class OpenClipHFAdapter(ModelAdapter):
             x = run_bert_layer(lyr, x, mask, record=rec)
         return self._text_head(x, ids)
 
+    def _image_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Image hidden state -> final norm -> timm pooling -> open_clip head -> normalised."""
+        return F.normalize(self.visual.head(self.trunk.forward_head(self.trunk.norm(x))), dim=-1)
+
     # ---- hooks -----------------------------------------------------------------------------------------
+    supports_attention_parts = True
+
+    def pooled_index(self, modality: str, inputs) -> torch.Tensor:
+        query = self._image_query if modality == "image" else self._text_query
+        if query is None:
+            pool = self.trunk.global_pool if modality == "image" else self._pool_kind
+            raise UnsupportedError(f"model {self.name}: its {modality} tower pools tokens ({pool!r}); there is "
+                                   f"no single pooled token")
+        return torch.full((len(inputs),), query, dtype=torch.long, device=self.device)
+
+    def embed_hidden(self, modality: str, hidden: torch.Tensor, inputs) -> torch.Tensor:
+        if modality == "image":
+            return self._image_head(hidden)
+        return self._text_head(hidden, inputs.ids)
+
     def _blocks(self, modality: str):
         return self.trunk.blocks if modality == "image" else self.bert.encoder.layer
 

@@ -166,10 +166,7 @@ class OpenClipViTAdapter(ModelAdapter):
                 x = run_block(last, x, None, query_index=torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
             else:
                 x = run_block(last, x, None, record=rec)
-            pooled, _ = self.visual._pool(x)
-            if self.visual.proj is not None:
-                pooled = pooled @ self.visual.proj
-            return F.normalize(pooled, dim=-1)
+            return self._image_head(x)
         copies = hidden.shape[0] // len(inputs)
         eot = inputs.eot.repeat_interleave(copies)
         mask = self._text_mask(hidden.shape[1])
@@ -182,6 +179,13 @@ class OpenClipViTAdapter(ModelAdapter):
             x = run_block(last, x, mask, record=rec)
             pooled = x[torch.arange(x.shape[0], device=x.device), eot]
         return self._text_project(pooled)
+
+    def _image_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Image hidden state -> open_clip's pooling and final norm -> projection -> normalised."""
+        pooled, _ = self.visual._pool(x)
+        if self.visual.proj is not None:
+            pooled = pooled @ self.visual.proj
+        return F.normalize(pooled, dim=-1)
 
     def _text_positions(self, text: TextBatch) -> torch.Tensor:
         return torch.arange(self._text_len(text), device=self.device)[None] <= text.eot[:, None]
@@ -199,6 +203,22 @@ class OpenClipViTAdapter(ModelAdapter):
         return self._text_project(x[torch.arange(x.shape[0], device=x.device), text.eot])
 
     # ---- hooks -----------------------------------------------------------------------------------------
+    supports_attention_parts = True
+
+    def pooled_index(self, modality: str, inputs) -> torch.Tensor:
+        if modality == "text":
+            return inputs.eot
+        if not self._trim_image:
+            raise UnsupportedError(f"model {self.name}: its image tower pools tokens (attention pooling or "
+                                   f"pool_type {getattr(self.visual, 'pool_type', '?')!r}); there is no single "
+                                   f"pooled token")
+        return torch.zeros(inputs.shape[0], dtype=torch.long, device=self.device)
+
+    def embed_hidden(self, modality: str, hidden: torch.Tensor, inputs) -> torch.Tensor:
+        if modality == "image":
+            return self._image_head(hidden)
+        return self._text_project(hidden[torch.arange(hidden.shape[0], device=hidden.device), inputs.eot])
+
     def _blocks(self, modality: str):
         return self.visual.transformer.resblocks if modality == "image" else self.text.blocks
 
