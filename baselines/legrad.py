@@ -10,7 +10,7 @@ probabilities and z^l its output hidden state:
 - E^l = mean over heads h and query rows i of ReLU( d s^l / d A^l_{h,i,:} )  -> one value per key
   (rows: the real positions; for text the padding rows of a batch are left out, so a pair's scores do
   not depend on its batch partners);
-- E = sum_l E^l (the paper averages; the 1/L factor vanishes in the final min-max); image: the
+- E = sum_l E^l (an average over layers would only rescale it; the final min-max removes that); image: the
   prefix tokens' columns dropped, the patch grid bilinearly upsampled, then min-max normalised per pair.
 Each s^l only depends on blocks <= l, so d s^l / d A^l is taken separately per layer (one backward
 pass per used block).
@@ -20,18 +20,24 @@ Choices the paper leaves open (ours):
   start_layer s >= 0 uses blocks s.., a negative s the last |s| blocks (the official code's
   default layer_index=-2, the last two).
 - Pooled token: the model's own pooling (class token / EOT / [CLS]). variant='code' pools like the
-  official CLIP code instead: the MEAN over all tokens (prefix tokens included) before the final
-  norm and projection.
+  official CLIP code instead: the MEAN over the tokens (image: all, prefix tokens included; text:
+  the real ones) before the final norm and projection.
 - Text (our extension; the paper explains images): the same recipe on the text tower, pooled token =
   EOT ([CLS] for BERT). Gradient entries where the attention probability is exactly 0 (a causal or
   padding mask: the query cannot attend there at all) are dropped before the ReLU, since a masked
   entry's gradient describes a path the model does not have. Text scores are not normalised.
+  Measured on the embedded model (first 50 test pairs): text AP 0.63, random 0.61 (Grad-ECLIP 0.68,
+  Chefer 0.85): LeGrad's text map is well defined but barely informative there.
 - Target of a pair: S = cos(image, text) as for every method here; the official code scores the
   normalised text embedding against each normalised intermediate image embedding, the same thing.
-Why not legrad-torch 1.1: it swaps open_clip's block / attention forwards (types.MethodType) and
-the vision forward, turns requires_grad on for the weights, and assumes open_clip 2.x's sequence-
-first (N, B, C) layout (its token mean over dim 0 would average the BATCH under open_clip 3.x, which
-is batch-first); our adapters own the model and expose only record_attention / embed_hidden.
+Why not legrad-torch 1.1 (PyPI): it requires open-clip-torch<=2.23.0 (we pin 3.x), swaps open_clip's
+block / attention / vision forwards (types.MethodType), turns requires_grad on for the weights, and
+assumes open_clip 2.x's sequence-first (N, B, C) layout (its token mean over dim 0 would average the
+BATCH under open_clip 3.x, which is batch-first); our adapters own the model and expose only
+record_attention / embed_hidden, so this is our own implementation from the paper.
+Measured on the embedded model (first 50 test pairs, scripts/compare_sota_variants.py): paper vs the
+official code's settings (variant code, start_layer -2) rank correlation 0.76 (image); image box
+ratio 0.74 (paper) / 0.69 (code) vs random 0.07.
 """
 from __future__ import annotations
 
