@@ -13,7 +13,7 @@ token's attention output is o = sum_i A_i v_i (per head, before the heads are me
 The pooled token is the class token (image), EOT (causal CLIP text) or [CLS] (BERT text):
 adapter.pooled_index. Image: the last block (`image_layers` = 1). Text: the per-layer sums of the
 last `text_layers` blocks are added BEFORE the ReLU (the official text code, 8 of CLIP's 12 text
-blocks; clipped to the tower's depth).
+blocks; clipped to the tower's depth; image_layers > 1 sums the same way).
 
 Choices the paper leaves open (ours):
 - Heads. The paper writes one attention over the full width (its code even re-runs the last block

@@ -221,7 +221,7 @@ def test_legrad_code_variant_pools_the_token_mean(tiny_adapter):
     torch.testing.assert_close(fast, (up - lo) / (hi - lo), rtol=RTOL, atol=1e-6)
 
 
-def test_grad_eclip_single_head_variants_agree():
+def test_grad_eclip_single_head_variants_agree(tiny_adapter):
     """With one head the per-head (paper) and full-width (code) spatial weights are the same thing:
     a tiny open_clip ViT with head_width = width must give identical maps for both variants."""
     import open_clip
@@ -230,8 +230,7 @@ def test_grad_eclip_single_head_variants_agree():
     model = open_clip.CLIP(embed_dim=16, vision_cfg={"image_size": 32, "layers": 2, "width": 32, "head_width": 32,
                                                       "patch_size": 8},
                            text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 1, "layers": 2})
-    _, _, preprocess = open_clip.create_model_and_transforms("m2ib-tiny-vit", pretrained=None)
-    ad = OpenClipViTAdapter(model, preprocess, open_clip.get_tokenizer("m2ib-tiny-vit"), "one-head")
+    ad = OpenClipViTAdapter(model, tiny_adapter._preprocess, tiny_adapter.tokenizer, "one-head")
     pixels, text = _inputs(ad)
     paper, code = (get_method("grad_eclip", ad, variant=v, progress=False).attribute(pixels, text, [0, 1])
                    for v in ("paper", "code"))
