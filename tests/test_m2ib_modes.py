@@ -76,6 +76,8 @@ def test_welford_equals_numpy_on_masked_batches():
 @pytest.mark.parametrize("modality", ["image", "text"])
 def test_layer_statistics_equal_numpy(tiny_adapter, stats_samples, modality):
     st = estimate_stats(tiny_adapter, modality, 1, stats_samples, progress=False)
+    again = estimate_stats(tiny_adapter, modality, 1, stats_samples, progress=False)
+    assert torch.equal(st.mean, again.mean) and torch.equal(st.m2, again.m2)     # deterministic pass
     mean, std = numpy_stats(tiny_adapter, modality, 1, stats_samples)
     got_mean, got_std = st.for_positions(mean.shape[0], "cpu")
     if modality == "text":
