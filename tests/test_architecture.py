@@ -19,13 +19,13 @@ from m2ib.pipeline.cache import AttributionCache
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: layer -> the layers it may import from (core <- models <- {method, baselines, metrics} <- pipeline <- api;
+#: layer -> the layers it may import from (core <- models/data <- {method, baselines, metrics} <- pipeline <- api;
 #: data, with its downloaders (m2ib.download), imports only core).
 ALLOWED = {
     "core": {"core"},
     "models": {"core", "models"},
     "data": {"core", "data"},
-    "method": {"core", "models", "method"},
+    "method": {"core", "models", "data", "method"},   # data: M2IB's "iba" mode estimates layer statistics
     "baselines": {"core", "models", "baselines"},
     "metrics": {"core", "models", "metrics"},
     "pipeline": {"core", "models", "data", "method", "baselines", "metrics", "pipeline"},

@@ -9,13 +9,15 @@ from m2ib.core.errors import InputError
 from m2ib.core.maps import normalise_minmax
 from m2ib.core.records import TextBatch
 from m2ib.method.bottleneck import M2IBConfig, fit_bottleneck
+from m2ib.method.stats import layer_stats, weights_digest
 
 
 @register_method("m2ib")
 class M2IBAttributor(Attributor):
     """Hyperparameters: an M2IBConfig (`config=`) or its flat keywords (layer, beta, var, steps, copies,
-    lr, init_alpha, each optionally image_/text_ prefixed; mode; amp). Layers and betas not given are
-    the model's (adapter.default_m2ib_settings()). `modalities` picks what to explain.
+    lr, init_alpha, each optionally image_/text_ prefixed; mode; amp; stats). Layers and betas not given
+    are the model's (adapter.default_m2ib_settings()). `modalities` picks what to explain. In mode "iba"
+    the layer statistics are estimated (or read from their cache) once, at construction.
 
     image: capacity summed over channels, class token dropped, bilinearly upsampled to the input frame,
     min-max normalised per map (m2ib.core.maps). text: capacity summed over channels per token (nats),
@@ -44,6 +46,12 @@ class M2IBAttributor(Attributor):
         self.config = M2IBConfig.from_kwargs(**own).with_model_defaults(self.adapter.default_m2ib_settings())
         for m in self.modalities:
             self.adapter.check_layer(m, self.config.for_modality(m).layer)
+        self.stats = {}
+        if self.config.mode == "iba":
+            weights = weights_digest(self.adapter)
+            self.stats = {m: layer_stats(self.adapter, m, self.config.for_modality(m).layer, self.config.stats,
+                                         progress=self.hparams["progress"], weights=weights)
+                          for m in self.modalities}
 
     def identity(self) -> dict:
         return {**self.config.as_flat(), "modalities": list(self.modalities)}
@@ -56,11 +64,13 @@ class M2IBAttributor(Attributor):
         image_map = text_scores = None
         meta = {"image_fitting": None, "text_fitting": None}
         if "image" in self.modalities:
-            res = fit_bottleneck(ad, "image", pixels, text_emb, cfg.image, cfg.mode, seeds, cfg.amp)
+            res = fit_bottleneck(ad, "image", pixels, text_emb, cfg.image, cfg.mode, seeds, cfg.amp,
+                                 self.stats.get("image"))
             image_map = normalise_minmax(ad.hidden_to_image_map(res.capacity))
             meta.update(image_capacity=res.capacity.cpu(), image_fitting=res.fitting.cpu())
         if "text" in self.modalities:
-            res = fit_bottleneck(ad, "text", text, image_emb, cfg.text, cfg.mode, seeds, cfg.amp)
+            res = fit_bottleneck(ad, "text", text, image_emb, cfg.text, cfg.mode, seeds, cfg.amp,
+                                 self.stats.get("text"))
             text_scores = ad.hidden_to_text_scores(res.capacity, text)
             meta.update(text_capacity=res.capacity.cpu(), text_fitting=res.fitting.cpu())
         meta["similarity"] = (image_emb * text_emb).sum(-1).cpu()

@@ -4,7 +4,10 @@ Deliberately naive, like the release: one pair at a time, both full encoders re-
 through open_clip's own forward (the bottleneck is a forward hook on block l), weights left
 trainable (their gradients are computed and thrown away), text bottlenecked over SOT..EOT only (the
 release tokenises without padding; positions after EOT cannot reach EOT through the causal mask).
-Release estimator only. Never used by the library's hot path.
+Estimators: the release's (none), or IBA's per-sample bottleneck written as IBA writes it (Schulz et al.
+2020, Sec. 3.1): given a mean m and std s of R, noise epsilon = s * eps + m, Z = lambda R + (1 - lambda)
+epsilon, capacity KL(N(lambda (R - m) / s, (1 - lambda)^2) || N(0, 1)). With the data set's statistics that
+is mode "iba" (var 1), with m = 0, s = sqrt(var) mode "paper". Never used by the library's hot path.
 """
 from __future__ import annotations
 
@@ -21,11 +24,13 @@ def _text_blocks(model):
 
 
 def reference_pair(model, pixels: torch.Tensor, ids: torch.Tensor, eot: int, config: M2IBConfig, seed: int,
-                   modalities=("image", "text")) -> dict:
+                   modalities=("image", "text"), estimators: dict | None = None) -> dict:
     """Capacity per token (summed over channels) of one pair, per modality: {'image': (N,), 'text': (eot+1,)}.
 
     model: an open_clip CLIP; pixels (1, 3, H, W); ids (1, context) padded token ids; eot: EOT index.
-    Noise comes from the same per-pair generators as the fast path, so both can be compared exactly.
+    estimators: {modality: (mean, std)} tensors broadcasting against the hooked (copies, n, C) state, for
+    IBA's bottleneck; a modality left out uses the release's. Noise comes from the same per-pair generators
+    as the fast path, so both can be compared exactly.
     """
     if any(v is None for m in modalities for v in (config.for_modality(m).layer, config.for_modality(m).beta)):
         raise ValueError("reference_pair needs explicit layers and betas (M2IBConfig.with_model_defaults)")
@@ -47,10 +52,16 @@ def reference_pair(model, pixels: torch.Tensor, ids: torch.Tensor, eot: int, con
                                                                device=r.device))
                 state["opt"] = torch.optim.Adam([state["alpha"]], lr=hp.lr)
             lam = torch.sigmoid(state["alpha"]).expand_as(r)
-            # KL(N(lam r, (1 - lam)^2) || N(0, 1)), written independently of bottleneck.capacity
-            state["kl"] = 0.5 * ((1 - lam) ** 2 + (lam * r) ** 2 - 1) - torch.log(1 - lam)
             eps = torch.randn(r.shape, generator=gen, device=r.device)
-            z = lam * r + (1 - lam) * eps
+            if modality in (estimators or {}):
+                mean, std = estimators[modality]
+                mu_z, var_z = lam * (r - mean) / std, (1 - lam) ** 2
+                state["kl"] = -0.5 * (1 + torch.log(var_z) - mu_z ** 2 - var_z)
+                z = lam * r + (1 - lam) * (std * eps + mean)
+            else:
+                # KL(N(lam r, (1 - lam)^2) || N(0, 1)), written independently of bottleneck.capacity
+                state["kl"] = 0.5 * ((1 - lam) ** 2 + (lam * r) ** 2 - 1) - torch.log(1 - lam)
+                z = lam * r + (1 - lam) * eps
             return torch.cat([z, output[:, n:]], dim=1)
 
         handle = block.register_forward_hook(hook)
