@@ -328,8 +328,12 @@ def _check_loading(name: str, info: dict, what: str) -> None:
 def build_hf_clip(source, device: str = "cpu", cache_dir: Optional[str] = None) -> HFCLIPAdapter:
     """The adapter of an 'hf:' source: config, weights, tokenizer and image processor from the folder or the
     Hub cache (cache only when offline), each missing piece refused with what to download and where."""
+    import transformers
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel
     name, target = source.name, target_of(source.name)
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise UnsupportedError(f"{name}: the HF CLIP adapter is written against transformers 5.x (layer call, "
+                               f"loading API); installed {transformers.__version__}: pip install 'transformers>=5'")
     local = is_local(target)
     is_offline = not local and (offline.env_offline() or not offline.hub_reachable())
     reason = ("offline: HF_HUB_OFFLINE is set" if offline.env_offline() else "offline: huggingface.co is unreachable") \
