@@ -164,12 +164,14 @@ def test_gradcam_target_and_randomization_order(hf, inputs):
         assert len(ids) == len(set(ids)) and set(ids) == {id(p) for m in mods for p in m.parameters()}
 
 
-def test_preprocess_is_the_models_processor(hf, pairs, folder):
+def test_preprocess_is_the_models_processor(hf, pairs, folder, tiny_adapter):
     from transformers import AutoImageProcessor
     images, _ = pairs
-    proc = AutoImageProcessor.from_pretrained(folder)
+    proc = AutoImageProcessor.from_pretrained(folder, backend="pil")     # transformers 4.x's processor
     ref = proc(images=images, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(hf.preprocess(images), ref, atol=1e-6, rtol=0)
+    # ... which is open_clip's transform where the crop overhang is even (here 8, 2, 2 px)
+    torch.testing.assert_close(hf.preprocess(images), tiny_adapter.preprocess(images), atol=1e-6, rtol=0)
     shown = hf.to_display(ref)
     torch.testing.assert_close(torch.from_numpy(shown[0]).permute(2, 0, 1),
                                proc(images=images[0], do_normalize=False, return_tensors="pt")["pixel_values"][0],
@@ -177,6 +179,16 @@ def test_preprocess_is_the_models_processor(hf, pairs, folder):
     # 50x40 image: shortest side 40 -> 32, width 40, centre crop of 32 removes 4 px each side
     boxes = hf.box_to_input_frame(np.array([[0, 0, 50, 40], [0, 0, 5, 40]]), (50, 40))
     np.testing.assert_allclose(boxes, [[0, 0, 32, 32], [0, 0, 0, 32]], atol=1e-4)
+
+
+def test_boxes_follow_the_processors_crop_offset(hf):
+    """An odd overhang: a 35x32 image loses 3 columns; HF crops from column 1 (rounded down), open_clip's
+    torchvision crop from column 2. A white column at original x = 1 lands at x = 0, and so does its box."""
+    arr = np.zeros((32, 35, 3), dtype=np.uint8)
+    arr[:, 1] = 255
+    shown = hf.to_display(hf.preprocess([Image.fromarray(arr)]))[0]
+    assert shown[:, 0].min() > 0.99 and shown[:, 1:].max() < 0.01
+    np.testing.assert_allclose(hf.box_to_input_frame(np.array([[1, 0, 1, 32]]), (35, 32)), [[0, 0, 1, 32]])
 
 
 def test_every_registered_method_runs(hf, inputs):

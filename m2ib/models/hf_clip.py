@@ -19,7 +19,10 @@ Facts this adapter relies on (read from transformers 5.x modeling_clip.py):
 Text is tokenised as the released M2IB code does, without padding: the ids are stored padded to the
 context, but only start-of-text .. end-of-text is run and bottlenecked (causal: later columns never
 reach the end-of-text token). Images go through the model's own CLIPImageProcessor (shortest side
-resized, centre crop), whose normalisation is kept as a separate step for display.
+resized, centre crop), whose normalisation is kept as a separate step for display; its PIL backend, the
+processor of transformers 4.x that the release ran (5.x defaults to a torchvision backend whose bicubic
+resize differs by up to 0.03 in normalised units, measured here on 224 px crops). The PIL backend gives
+open_clip's transform exactly, except that it rounds the crop offset down (open_clip rounds half to even).
 
 open_clip_state_dict() converts the weights to open_clip's CLIP layout (the bridge test shows both
 adapters give the same embeddings and M2IB maps from the same weights).
@@ -89,7 +92,7 @@ def run_clip_layer(layer, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
 # ---- the adapter ------------------------------------------------------------------------------------------
 class HFCLIPAdapter(ModelAdapter):
     family = "hf_clip"
-    resize_mode = "shortest"      # CLIPImageProcessor: resize the shortest side, then centre crop
+    resize_mode = "shortest-floor"    # CLIPImageProcessor: resize the shortest side, centre crop rounded down
 
     def __init__(self, model, preprocess, tokenizer, name: str, device="cpu"):
         from transformers import CLIPModel
@@ -362,7 +365,7 @@ def build_hf_clip(source, device: str = "cpu", cache_dir: Optional[str] = None) 
             raise unavailable("the tokenizer (tokenizer.json, or vocab.json + merges.txt)")
         try:
             tokenizer = AutoTokenizer.from_pretrained(target, cache_dir=cache_dir)
-            processor = AutoImageProcessor.from_pretrained(target, cache_dir=cache_dir)
+            processor = AutoImageProcessor.from_pretrained(target, cache_dir=cache_dir, backend="pil")
         except (OSError, ValueError) as exc:
             raise unavailable("the tokenizer / preprocessor_config.json", exc) from exc
     if source.checkpoint is not None:
