@@ -76,6 +76,7 @@ def run_clip_layer(layer, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
     q = attn.q_proj(h_q).view(B, Q, heads, hd).transpose(1, 2)
     k = attn.k_proj(h).view(B, N, heads, hd).transpose(1, 2)
     v = attn.v_proj(h).view(B, N, heads, hd).transpose(1, 2)
+    mask = mask.to(q.dtype) if mask is not None else None      # q is bf16 under CUDA autocast (M2IB amp)
     if record is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
     else:
