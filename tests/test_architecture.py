@@ -111,7 +111,8 @@ def test_explain_equals_a_scripts_run_py_run(tmp_path):
 
 MODEL_CONFIGS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
 #: Model configs whose weights are downloads (refused offline with the download message).
-NEED_DOWNLOAD = {"biomedclip", "local_checkpoint", "vit_b16_openai", "vit_b32_openai", "vit_l14_openai"}
+NEED_DOWNLOAD = {"biomedclip", "local_checkpoint", "vit_b16_openai", "vit_b32_openai", "vit_l14_openai",
+                 "hf_clip_vit_b32"}
 
 
 @pytest.mark.parametrize("config", MODEL_CONFIGS)
@@ -131,8 +132,8 @@ def test_explain_with_defaults_works_on_every_configured_model(config, monkeypat
 def test_published_m2ib_settings_fit_their_architectures():
     import open_clip
     for name, settings in M2IB_SETTINGS.items():
-        if name.startswith("hf-hub:"):
-            continue   # its config is a download; BiomedCLIP has 12 ViT blocks and 12 BERT layers
+        if name.startswith(("hf-hub:", "hf:")):
+            continue   # its config is a download; BiomedCLIP and CLIP ViT-B/32 have 12 + 12 blocks
         cfg = open_clip.get_model_config(name) or {}
         blocks = {"image": cfg["vision_cfg"]["layers"], "text": cfg["text_cfg"]["layers"]}
         for m in ("image", "text"):

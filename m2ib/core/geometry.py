@@ -15,7 +15,8 @@ def resize_crop_params(original_size: tuple[int, int], target_size: tuple[int, i
 
     original_size and target_size are (width, height). Modes follow open_clip's image_transform:
     'shortest' = Resize(shortest side) + CenterCrop (torchvision rounding), 'squash' = Resize both
-    axes, 'longest' = Resize(longest side) + centre pad.
+    axes, 'longest' = Resize(longest side) + centre pad; 'shortest-floor' = 'shortest' with the crop
+    offset rounded down, as Hugging Face's CLIPImageProcessor crops ((new - target) // 2).
     """
     w, h = original_size
     tw, th = target_size
@@ -23,14 +24,14 @@ def resize_crop_params(original_size: tuple[int, int], target_size: tuple[int, i
         raise InputError(f"image size must be positive, got {original_size}")
     if mode == "squash":
         return tw / w, th / h, 0.0, 0.0
-    if mode == "shortest":
+    if mode in ("shortest", "shortest-floor"):
         if tw != th:
-            raise InputError("resize_mode 'shortest' expects a square target size")
+            raise InputError(f"resize_mode {mode!r} expects a square target size")
         short, long = (w, h) if w <= h else (h, w)
         new_short, new_long = tw, int(tw * long / short)   # torchvision's Resize(int) rule
         nw, nh = (new_short, new_long) if w <= h else (new_long, new_short)
-        ox = int(round((nw - tw) / 2.0))
-        oy = int(round((nh - th) / 2.0))
+        half = (lambda d: d // 2) if mode == "shortest-floor" else (lambda d: int(round(d / 2.0)))
+        ox, oy = half(nw - tw), half(nh - th)
         return nw / w, nh / h, float(ox), float(oy)
     if mode == "longest":
         scale = min(tw / w, th / h)

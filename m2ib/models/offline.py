@@ -123,3 +123,21 @@ def missing_file_message(name: str, path: str) -> str:
             f"Put the checkpoint file at {path} (e.g. copy it from the machine it was trained or downloaded "
             f"on), or change the config key model.pretrained to the file's real path; use "
             f"model.pretrained=null for random weights.")
+
+
+def hf_transformers_message(name: str, target: str, what: str, local: bool, cache_dir: Optional[str],
+                            reason: str) -> str:
+    """A transformers model ('hf:<hub id or folder>') missing a file: what to download or save, and where."""
+    if local:
+        return (f"model {name!r}: {what} missing in folder {target} ({reason}).\n"
+                f"Write the folder with `CLIPModel.save_pretrained(folder)` and `CLIPProcessor.save_pretrained(folder)` "
+                f"(config.json, model.safetensors, tokenizer.json or vocab.json + merges.txt, preprocessor_config.json), "
+                f"or `hf download ORG/REPO --local-dir {target}` on a connected machine.\n"
+                f"Config key: model.name=hf:/path/to/folder.")
+    return (f"model {name!r}: {what} of Hugging Face Hub repo {target} not available here ({reason}).\n"
+            f"Download on a connected machine: `hf download {target}` (older huggingface_hub: "
+            f"`huggingface-cli download {target}`).\n"
+            f"Put it: copy that machine's Hugging Face cache (~/.cache/huggingface/hub/models--{target.replace('/', '--')}) "
+            f"to {_hub_cache_dir(cache_dir)} here, or set HF_HOME to a folder holding it; or save it as a folder and "
+            f"set model.name=hf:/path/to/folder.\n"
+            f"Config key: model.name=hf:{target}.")

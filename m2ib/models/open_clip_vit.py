@@ -40,6 +40,39 @@ def _text_tower(model) -> SimpleNamespace:
                            projection=t.text_projection, attn_mask=t.attn_mask)
 
 
+def bpe_row_strings(row: Sequence[int], eot: int, decoder: dict, byte_decoder: dict, special) -> list[str]:
+    """Display strings of one id row of a byte-level CLIP BPE (open_clip's and HF's CLIPTokenizer share the
+    format: byte-to-unicode characters, '</w>' ending a word); `special` are the start/end-of-text ids.
+
+    Each byte-level BPE token gets exactly the characters its bytes complete, so a token holding
+    only the leading bytes of a multi-byte character gets '' and the token completing it gets the
+    character; the decoder is flushed at the word end ('</w>'). A word's token strings therefore
+    concatenate to the word's text, and ASCII tokens read as before. Start/end-of-text tokens keep
+    their special strings; positions after the end-of-text token are ''.
+    """
+    out: list[str] = []
+    dec = None      # incremental decoder of the word in progress
+    for j, tid in enumerate(row):
+        if j > eot:
+            out.append("")
+            continue
+        tok = decoder.get(int(tid), "")
+        if tid in special:
+            # a word cut by truncation: its incomplete trailing bytes are dropped
+            dec = None
+            out.append(tok)
+            continue
+        end = tok.endswith("</w>")
+        tok = tok.replace("</w>", "")
+        if dec is None:
+            dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        data = bytes(byte_decoder.get(c, ord("?")) for c in tok)
+        out.append(dec.decode(data, final=end))
+        if end:
+            dec = None
+    return out
+
+
 class OpenClipViTAdapter(ModelAdapter):
     family = "open_clip_vit"
 
@@ -77,38 +110,10 @@ class OpenClipViTAdapter(ModelAdapter):
         return tok
 
     def _row_strings(self, row: Sequence[int], eot: int) -> list[str]:
-        """Display strings of one id row: the word pieces of a word are UTF-8-decoded jointly.
-
-        Each byte-level BPE token gets exactly the characters its bytes complete, so a token holding
-        only the leading bytes of a multi-byte character gets '' and the token completing it gets the
-        character; the decoder is flushed at the word end ('</w>'). A word's token strings therefore
-        concatenate to the word's text, and ASCII tokens read as before. Start/end-of-text tokens keep
-        their special strings; positions after the end-of-text token are ''.
-        """
         if self._decoder is None or not self._byte_decoder:
             return [self._token_string(t) if j <= eot else "" for j, t in enumerate(row)]
-        special = (self.tokenizer.sot_token_id, self.tokenizer.eot_token_id)
-        out: list[str] = []
-        dec = None      # incremental decoder of the word in progress
-        for j, tid in enumerate(row):
-            if j > eot:
-                out.append("")
-                continue
-            tok = self._decoder.get(int(tid), "")
-            if tid in special:
-                # a word cut by truncation: its incomplete trailing bytes are dropped
-                dec = None
-                out.append(tok)
-                continue
-            end = tok.endswith("</w>")
-            tok = tok.replace("</w>", "")
-            if dec is None:
-                dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            data = bytes(self._byte_decoder.get(c, ord("?")) for c in tok)
-            out.append(dec.decode(data, final=end))
-            if end:
-                dec = None
-        return out
+        return bpe_row_strings(row, eot, self._decoder, self._byte_decoder,
+                               (self.tokenizer.sot_token_id, self.tokenizer.eot_token_id))
 
     def tokenize(self, captions: Sequence[str]) -> TextBatch:
         captions = list(captions)

@@ -4,13 +4,16 @@ name (config key `model.name`):
   - an open_clip config name: built-in ('ViT-B-32', 'ViT-B-16', 'ViT-L-14', ...) or one of this
     project's configs in m2ib/model_configs/ (registered here);
   - 'hf-hub:org/repo' (config + weights from the Hugging Face Hub, e.g. BiomedCLIP);
-  - 'local-dir:/path' (a folder with open_clip_config.json and a weights file).
+  - 'local-dir:/path' (a folder with open_clip_config.json and a weights file);
+  - 'hf:org/repo' or 'hf:/path' (a Hugging Face transformers CLIPModel from the Hub cache or a
+    `save_pretrained` folder; models/hf_clip.py).
 pretrained (config key `model.pretrained`):
-  - None: random weights drawn from `seed` (tests, sanity baselines);
+  - None: random weights drawn from `seed` (tests, sanity baselines); with an 'hf-hub:', 'local-dir:' or
+    'hf:' name, that model's own weights;
   - 'embedded': the committed embedded-benchmark checkpoint (sha256 checked; models/embedded.py);
   - an open_clip tag such as 'openai' (weights from the HF Hub cache);
-  - a path to a local checkpoint file (e.g. a CLIP fine-tuned on chest X-rays); with an 'hf-hub:'
-    or 'local-dir:' name the file replaces that model's weights.
+  - a path to a local checkpoint file (e.g. a CLIP fine-tuned on chest X-rays); with an 'hf-hub:',
+    'local-dir:' or 'hf:' name the file replaces that model's weights.
 
 Each kind of source is one entry of MODEL_SOURCES (a matcher and a resolver); resolving checks
 everything that can be checked without building (names, tags, files, hashes) and carries the model's
@@ -45,6 +48,7 @@ M2IB_SETTINGS = {
         {"image_layer": 9, "text_layer": 7, "image_beta": 1.0, "text_beta": 1.0},
     embedded.EMBEDDED_MODEL_NAME: embedded.M2IB_SETTINGS,
 }
+M2IB_SETTINGS["hf:openai/clip-vit-base-patch32"] = M2IB_SETTINGS["ViT-B-32"]   # the same model, loaded by transformers
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,27 @@ def _resolve_local_dir(name: str, pretrained: Optional[str]) -> ModelSource:
                        needs_hub=bool(_hub_text_repos(model_cfg)), sha256=_sha256(ckpt))
 
 
+@register_source("hf-transformers", lambda name, pretrained: name.startswith("hf:"), priority=1)
+def _resolve_hf_transformers(name: str, pretrained: Optional[str]) -> ModelSource:
+    from m2ib.models import hf_clip
+    target = hf_clip.target_of(name)
+    if not target:
+        raise InputError(f"model.name={name!r} names no model: use hf:ORG/REPO (Hub) or hf:/path/to/folder")
+    if pretrained and not Path(pretrained).expanduser().is_file():
+        raise ModelUnavailableError(
+            f"model.pretrained={pretrained!r} for model {name!r} is not a checkpoint file: it must be a state dict "
+            f"(.safetensors/.bin/.pt) of this CLIPModel; use model.pretrained=null for the weights of {target}, and "
+            f"model.name=hf:/path/to/folder for a save_pretrained folder")
+    ckpt = _checkpoint(name, pretrained)
+    local = hf_clip.is_local(target)
+    folder = Path(target).expanduser()
+    if local and not (folder / "config.json").is_file():
+        raise ModelUnavailableError(offline.hf_transformers_message(name, str(folder), "config.json", True, None,
+                                                                    "not found"))
+    sha = _sha256(ckpt) if ckpt else (hf_clip.weights_sha256(folder) if local else None)
+    return ModelSource("hf-transformers", name, pretrained, checkpoint=ckpt, needs_hub=not local, sha256=sha)
+
+
 @register_source("open_clip", lambda name, pretrained: True, priority=9)
 def _resolve_open_clip(name: str, pretrained: Optional[str]) -> ModelSource:
     import open_clip
@@ -260,6 +285,9 @@ def build(source: ModelSource, device: str = "cpu", seed: int = 0, cache_dir: Op
     caller's global RNG state. cache_dir: Hugging Face cache (default: HF_HOME)."""
     import open_clip
 
+    if source.kind == "hf-transformers":      # a transformers CLIPModel has its own loader
+        from m2ib.models.hf_clip import build_hf_clip
+        return _describe(build_hf_clip(source, device=device, cache_dir=cache_dir), source)
     name, hub_schema = source.name, source.kind in ("hf-hub", "local-dir")
     model_cfg = source.model_cfg
     is_offline = source.needs_hub and (offline.env_offline() or not offline.hub_reachable())
@@ -302,7 +330,11 @@ def build(source: ModelSource, device: str = "cpu", seed: int = 0, cache_dir: Op
         if source.needs_hub:
             raise ModelUnavailableError(offline.tower_message(name, _hub_text_repos(model_cfg), why)) from exc
         raise ModelUnavailableError(f"could not build model.name={name!r}: {type(exc).__name__}: {exc}") from exc
-    adapter = pick_adapter_class(model, name)(model, preprocess, tokenizer, name=name, device=device)
+    return _describe(pick_adapter_class(model, name)(model, preprocess, tokenizer, name=name, device=device), source)
+
+
+def _describe(adapter, source: ModelSource):
+    """The adapter with its source and the source's M2IB defaults attached."""
     adapter.m2ib_defaults = dict(source.m2ib_defaults)
     adapter.source = source
     return adapter
