@@ -9,11 +9,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 import setuptools
+from setuptools.config.pyprojecttoml import read_configuration
 
 import m2ib
 from m2ib.core.errors import InputError
@@ -23,6 +23,7 @@ from m2ib.pipeline import provenance
 ROOT = Path(__file__).resolve().parents[1]
 #: What a wheel is built from; the rest of the checkout (tests, results, caches, git) stays behind.
 SOURCES = ("pyproject.toml", "README.md", "conf", "m2ib", "baselines", "metrics")
+PYPROJECT = read_configuration(ROOT / "pyproject.toml")   # tomllib is Python 3.11+, the project 3.10+
 
 
 def install(tmp):
@@ -62,7 +63,7 @@ def test_the_installed_command_works_from_another_directory(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     file, version, conf = done.stdout.split()
     assert Path(file).is_relative_to(site) and Path(conf) == site / "m2ib" / "conf"
-    assert version == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert version == PYPROJECT["project"]["version"]
     shipped = sorted(p.relative_to(conf).as_posix() for p in Path(conf).rglob("*.yaml"))
     assert shipped == sorted(p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*.yaml"))
 
@@ -103,7 +104,7 @@ def test_an_installed_copy_keeps_caches_out_of_site_packages_and_refuses_to_publ
 
 
 def test_the_wheel_lists_every_package_of_the_tree():
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
     found = set(setuptools.find_packages(str(ROOT), include=["m2ib*", "baselines*", "metrics*"]))
     assert listed == found | {"m2ib.conf"}, "update [tool.setuptools] packages in pyproject.toml"
 
