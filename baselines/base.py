@@ -18,10 +18,10 @@ import abc
 from typing import Callable, Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from m2ib.core.attributor import Attributor
 from m2ib.core.errors import InputError, UnsupportedError
+from m2ib.core.progress import progress_bar
 from m2ib.core.records import TextBatch
 
 
@@ -47,9 +47,7 @@ class Baseline(Attributor):
 
     def pairs(self, n: int, what: str) -> Iterable[int]:
         """range(n) with a progress bar (per-pair loops of the perturbation methods are long)."""
-        off = not self.hparams["progress"] or n < 2
-        return tqdm(range(n), desc=f"{self.name} {what}", leave=False,
-                    disable=True if off else None)   # None: only on a terminal, not in logs
+        return progress_bar(range(n), desc=f"{self.name} {what}", enabled=self.hparams["progress"] and n >= 2)
 
 
 # ---- hyperparameter checks (no model needed) -----------------------------------------------------

@@ -93,7 +93,9 @@ def swap_partner(samples: Sequence[Sample], i: int) -> Optional[int]:
 @register_metric("caption_sensitivity", columns=COLUMNS, whole_dataset=True)
 def caption_sensitivity(attribution: Attribution, adapter: ModelAdapter, samples: Sequence[Sample],
                         context: MetricContext, grounded: bool = True, swap: bool = True) -> pd.DataFrame:
-    """(a) grounded named-object test and (b) caption-swap rank correlation (module docstring); one row
+    """Does the image map follow the caption? Named-object test and caption-swap rank correlation.
+
+    (a) grounded named-object test and (b) caption-swap rank correlation (module docstring); one row
     per pair, modality 'image'. grounded / swap switch the two parts (each costs an attribution pass)."""
     if not (grounded or swap):
         raise InputError("caption_sensitivity: both parts are off (grounded=false, swap=false)")

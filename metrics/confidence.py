@@ -24,12 +24,12 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from m2ib.core.attributor import MODALITIES
 from m2ib.core.errors import InputError
 from m2ib.core.maps import normalise_minmax
 from m2ib.core.metric import MetricContext, register_metric
+from m2ib.core.progress import progress_bar
 from m2ib.core.records import Attribution, Sample, TextBatch
 from m2ib.models.base import ModelAdapter
 from metrics.inputs import aligned_text_scores, image_maps, sample_ids, text_scores
@@ -82,8 +82,7 @@ def confidence_scores(attribution: Attribution, adapter: ModelAdapter, samples: 
     s_all, s_masked = [], []
     starts = range(0, len(samples), batch_size)
     with torch.no_grad():
-        for start in tqdm(starts, desc=f"confidence {attribution.method}/{modality}", disable=not progress,
-                          leave=False):
+        for start in progress_bar(starts, desc=f"confidence {attribution.method}/{modality}", enabled=progress):
             chunk = samples[start:start + batch_size]
             pixels = adapter.preprocess([s.image for s in chunk])
             text = adapter.tokenize([s.caption for s in chunk])
@@ -108,7 +107,9 @@ def confidence_scores(attribution: Attribution, adapter: ModelAdapter, samples: 
 def confidence(attribution: Attribution, adapter: ModelAdapter, samples: Sequence[Sample], context: MetricContext,
                modalities: list = ("image", "text"), quantile: float = 0.5, normalise: str = "minmax",
                release_compat: bool = False, batch_size: int = 32) -> pd.DataFrame:
-    """confidence_scores for each explained modality; `increase` as 0/100 per pair, so its mean is the
+    """Confidence drop and increase when only what the map calls important is kept.
+
+    confidence_scores for each explained modality; `increase` as 0/100 per pair, so its mean is the
     percentage of pairs whose confidence rose."""
     frames = []
     for modality in modalities:

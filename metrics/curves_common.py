@@ -46,10 +46,10 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from m2ib.core.attributor import MODALITIES
 from m2ib.core.errors import InputError
+from m2ib.core.progress import progress_bar
 from m2ib.core.records import Attribution, Sample, TextBatch
 from m2ib.models.base import ModelAdapter
 from metrics.inputs import aligned_text_scores, image_maps, sample_ids, text_scores
@@ -249,7 +249,7 @@ def run_curves(attribution: Attribution, adapter: ModelAdapter, samples: Sequenc
     else:
         scores, _ = text_scores(attribution, samples)
     out = []
-    for start in tqdm(range(0, len(samples), batch_size), desc=desc, disable=not progress, leave=False):
+    for start in progress_bar(range(0, len(samples), batch_size), desc=desc, enabled=progress):
         chunk = samples[start:start + batch_size]
         pixels = adapter.preprocess([s.image for s in chunk])
         text = adapter.tokenize([s.caption for s in chunk])

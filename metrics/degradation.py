@@ -149,7 +149,9 @@ def degradation(attribution: Attribution, adapter: ModelAdapter, samples: Sequen
                 modalities: list = ("image", "text"), tile: Optional[int] = None, steps: int = 20,
                 baseline: str = "mean", blur_sigma: Optional[float] = None, batch_size: int = 32,
                 min_gap: float = MIN_GAP) -> pd.DataFrame:
-    """degradation_scores for each explained modality (a modality without a map: a warning, no rows)."""
+    """Degradation test (IBA): most- vs least-relevant-first removal, area between the curves.
+
+    degradation_scores for each explained modality (a modality without a map: a warning, no rows)."""
     frames = [degradation_scores(attribution, adapter, samples, modality=m, tile=tile, steps=steps,
                                  baseline=baseline, blur_sigma=blur_sigma, batch_size=batch_size,
                                  min_gap=min_gap, progress=context.progress)

@@ -120,7 +120,9 @@ def deletion_scores(attribution: Attribution, adapter: ModelAdapter, samples: Se
 def deletion(attribution: Attribution, adapter: ModelAdapter, samples: Sequence[Sample], context: MetricContext,
              modalities: list = ("image", "text"), steps: int = 20, baseline_value: float = 0.0,
              blur_sigma: Optional[float] = None, batch_size: int = 32, min_gap: float = MIN_GAP) -> pd.DataFrame:
-    """deletion_scores for each explained modality (a modality without a map: a warning, no rows)."""
+    """Deletion and insertion AUC (RISE) of the similarity as top-ranked inputs go or come back.
+
+    deletion_scores for each explained modality (a modality without a map: a warning, no rows)."""
     frames = [deletion_scores(attribution, adapter, samples, modality=m, steps=steps, baseline_value=baseline_value,
                               blur_sigma=blur_sigma, batch_size=batch_size, min_gap=min_gap,
                               progress=context.progress)

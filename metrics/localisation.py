@@ -31,13 +31,13 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 import logging
 
 from m2ib.core.errors import InputError
 from m2ib.core.maps import normalise_minmax_array
 from m2ib.core.metric import MetricContext, register_metric
+from m2ib.core.progress import progress_bar
 from m2ib.core.records import Attribution, Sample
 from m2ib.models.base import ModelAdapter
 from metrics.inputs import box_mask, image_maps, sample_ids, text_scores
@@ -117,8 +117,7 @@ def image_localisation(attribution: Attribution, adapter: ModelAdapter, samples:
     ids = sample_ids(samples)
     maps = image_maps(attribution, samples, adapter.image_size)
     rows = []
-    for i, sample in enumerate(tqdm(samples, desc=f"localisation {attribution.method}", disable=not progress,
-                                    leave=False)):
+    for i, sample in enumerate(progress_bar(samples, desc=f"localisation {attribution.method}", enabled=progress)):
         truth = box_mask(adapter, sample)
         region = threshold_region(maps[i], threshold, k=int(truth.sum()), fraction=fraction)
         rows.append({"sample_id": ids[i], "method": attribution.method, "threshold": threshold,
@@ -182,7 +181,9 @@ def text_localisation(attribution: Attribution, samples: Sequence[Sample]) -> pd
 @register_metric("localisation", columns=("iou", "pointing_game", "bbox_ratio", "text_ratio", "text_ap"))
 def localisation(attribution: Attribution, adapter: ModelAdapter, samples: Sequence[Sample], context: MetricContext,
                  threshold: str = "topk", fraction: float = 0.5) -> pd.DataFrame:
-    """Image localisation where every sample has boxes, text localisation where every sample has target
+    """Zero-shot detection IoU, pointing game and box ratio; text ratio / AP on target words.
+
+    Image localisation where every sample has boxes, text localisation where every sample has target
     words (a warning says which part is skipped and why)."""
     frames = []
     if attribution.image is not None and all(len(s.boxes) for s in samples):

@@ -52,10 +52,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from m2ib.core.errors import InputError
 from m2ib.core.metric import MetricContext, register_metric
+from m2ib.core.progress import progress_bar
 from m2ib.core.records import Attribution, Sample
 from m2ib.core.seeds import pair_seed
 from m2ib.models.base import ModelAdapter
@@ -137,7 +137,7 @@ def road_scores(attribution: Attribution, adapter: ModelAdapter, samples: Sequen
     model = ImageEncoder(adapter)
     by_removed = np.argsort(-np.asarray(percentiles), kind="stable")    # removal share 100 - p, ascending
     rows = []
-    for i, sample in enumerate(tqdm(samples, desc=f"road {attribution.method}", disable=not progress, leave=False)):
+    for i, sample in enumerate(progress_bar(samples, desc=f"road {attribution.method}", enabled=progress)):
         pixels = adapter.preprocess([sample.image])
         with torch.no_grad():
             text = adapter.encode_text(adapter.tokenize([sample.caption]))[0]
@@ -156,7 +156,9 @@ def road_scores(attribution: Attribution, adapter: ModelAdapter, samples: Sequen
                  curve_axes=("step over `percentiles` (share of pixels removed, ascending)", "similarity change s' - s"))
 def road(attribution: Attribution, adapter: ModelAdapter, samples: Sequence[Sample], context: MetricContext,
          percentiles: list = PERCENTILES) -> pd.DataFrame:
-    """ROAD MoRF / LeRF / combined per pair on the image map (no text rows; module docstring)."""
+    """ROAD (Rong et al. 2022): MoRF / LeRF similarity change with noisy linear imputation.
+
+    ROAD MoRF / LeRF / combined per pair on the image map (no text rows; module docstring)."""
     percentiles = check_percentiles(percentiles)
     if attribution.image is None:
         log.warning("%s explains no image: no ROAD rows (ROAD is defined for images only)", attribution.method)

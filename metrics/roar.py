@@ -33,11 +33,11 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from m2ib.core.attributor import MODALITIES, attribute_with, resolve
 from m2ib.core.errors import InputError
 from m2ib.core.metric import MetricContext, register_metric
+from m2ib.core.progress import progress_bar
 from m2ib.core.records import Attribution, Sample, TextBatch
 from m2ib.models.base import ModelAdapter
 from metrics.inputs import aligned_text_scores, image_maps, sample_ids, text_scores
@@ -135,7 +135,7 @@ def finetune(adapter: ModelAdapter, pixels: torch.Tensor, text: TextBatch, cfg: 
     n = len(text)
     bs = min(cfg.batch_size, n)
     steps = (n // bs) * max(cfg.epochs - first, 0)
-    bar = tqdm(total=steps, desc=f"ROAR+ fine-tune {tag}", disable=not progress, leave=False)
+    bar = progress_bar(total=steps, desc=f"ROAR+ fine-tune {tag}", enabled=progress)
     for epoch in range(first, cfg.epochs):
         gen = torch.Generator().manual_seed(cfg.seed * 1000003 + epoch)
         order = torch.randperm(n, generator=gen)
@@ -208,7 +208,7 @@ def roar_plus(adapter: ModelAdapter, samples: Sequence[Sample],
     ckpt = Path(checkpoint_dir) / _key(cfg, ids, adapter) if checkpoint_dir is not None else None
 
     rows = []
-    bar = tqdm(total=len(fns) * len(modalities), desc="ROAR+", disable=not progress)
+    bar = progress_bar(total=len(fns) * len(modalities), desc="ROAR+", enabled=progress, leave=True)
     for name, fn in fns.items():
         tag = name or "method"
         attribution = _cached_attribution(fn, adapter, samples, ckpt / f"{tag}.attribution.pt" if ckpt else None)
@@ -248,7 +248,9 @@ def roar(attribution: Attribution, adapter: ModelAdapter, samples: Sequence[Samp
          modalities: list = ("image", "text"), percentile: float = 75.0, finetune_fraction: float = 0.8,
          epochs: int = 3, lr: float = 1e-5, weight_decay: float = 0.0, batch_size: int = 32,
          temperature: float = 0.07, seed: int = 0) -> pd.DataFrame:
-    """ROAR+ of one method's maps (the random control is the registered `random` method, run as any
+    """ROAR+: remove what the map calls important, fine-tune on the degraded data, re-evaluate.
+
+    ROAR+ of one method's maps (the random control is the registered `random` method, run as any
     other method of the table); R@1 as 0/100 per pair so its mean is a percentage. Fine-tunes are
     checkpointed under context.work_dir/roar/<the exact maps' cache key>, so a run resumes."""
     modalities = [m for m in modalities if getattr(attribution, m) is not None]

@@ -27,12 +27,12 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from m2ib.core.attributor import MODALITIES, resolve
 from m2ib.core.errors import InputError
 from m2ib.core.maps import normalise_minmax_array
 from m2ib.core.metric import MetricContext, register_metric
+from m2ib.core.progress import progress_bar
 from m2ib.core.records import Attribution, Sample
 from m2ib.models.base import ModelAdapter
 from metrics.inputs import image_maps, sample_ids, text_scores
@@ -136,7 +136,7 @@ def cascading_randomisation(adapter: ModelAdapter, samples: Sequence[Sample], at
     for encoder in encoders:
         model = adapter.copy()
         groups = model.randomization_order(encoder)
-        bar = tqdm(groups, desc=f"sanity {name}/{encoder}", disable=not progress, leave=False)
+        bar = progress_bar(groups, desc=f"sanity {name}/{encoder}", enabled=progress)
         for step, (group, params) in enumerate(bar, start=1):
             gen = torch.Generator().manual_seed(_seed(seed, encoder, step))
             randomise_parameters(params, gen)
@@ -206,7 +206,9 @@ def write_sanity_tables(rows: pd.DataFrame, out_dir: Path, stem: str) -> dict:
 @register_metric("sanity", columns=("ssim", "spearman"), table=write_sanity_tables, whole_dataset=True)
 def sanity(attribution: Attribution, adapter: ModelAdapter, samples: Sequence[Sample], context: MetricContext,
            encoders: list = ("image", "text"), absolute: bool = False) -> pd.DataFrame:
-    """Cascading randomisation of the method that produced `attribution` (context.attribute re-runs it
+    """Sanity check by cascading model randomisation (Adebayo et al. 2018): per-layer rank correlation.
+
+    Cascading randomisation of the method that produced `attribution` (context.attribute re-runs it
     on each randomised copy; its maps there are not cached)."""
     if context.attribute is None:
         raise InputError("the sanity check needs the method itself (MetricContext.attribute) to re-run it")

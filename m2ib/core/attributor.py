@@ -17,9 +17,9 @@ import time
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
-from tqdm.auto import tqdm
 
 from m2ib.core.errors import InputError
+from m2ib.core.progress import progress_bar
 from m2ib.core.records import Attribution, Sample, TextBatch, concat_attributions
 from m2ib.core.registry import Registry, check_params
 from m2ib.core.seeds import pair_seed
@@ -168,7 +168,7 @@ def attribute_in_batches(attributor: Attributor, samples: Sequence[Sample], seed
     if not samples:
         raise InputError("no samples to attribute")
     adapter, parts = attributor.adapter, []
-    bar = tqdm(total=len(samples), desc=attributor.name, unit="pair", disable=not progress, leave=False)
+    bar = progress_bar(total=len(samples), desc=attributor.name, unit="pair", enabled=progress)
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         try:

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from PIL import Image
-from tqdm import tqdm
 
 from m2ib.core.errors import DataUnavailableError, InputError
+from m2ib.core.progress import progress_bar
 from m2ib.core.records import Sample
 from m2ib.data.registry import register_dataset
 
@@ -103,8 +103,8 @@ def load_cc(tsv_path, image_root, manifest=None, text_gt=None, limit: Optional[i
         raise DataUnavailableError(f"{tsv_path}: no usable rows (skipped {sum(skipped.values())})")
 
     samples = []
-    for line_no, where, caption, path, sha in tqdm(rows, desc=f"loading {tsv_path.name}",
-                                                  disable=not progress or len(rows) < 200):
+    for line_no, where, caption, path, sha in progress_bar(rows, desc=f"loading {tsv_path.name}",
+                                                          enabled=progress and len(rows) >= 200):
         file = Path(path) if Path(path).is_absolute() else image_root / path
         if not file.is_file():
             raise DataUnavailableError(f"{where}: image file {file} does not exist")

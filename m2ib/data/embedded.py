@@ -2,7 +2,8 @@
 model source: m2ib/models/embedded.py).
 
 Public entry point: load_embedded_split() (registered as data set 'embedded').
-Splits are generated on first use into `<repo>/.cache/embedded/` (override with $M2IB_EMBEDDED_CACHE)
+Splits are generated on first use into `<repo>/.cache/embedded/` in a source checkout, else (an installed
+copy) into the user cache `~/.cache/m2ib-bench/embedded/` (override either with $M2IB_EMBEDDED_CACHE)
 and checked against the committed manifest m2ib/assets/embedded/data_manifest.json (hashes of the
 CSV/TSV texts and of the decoded pixels), so every machine computes tables on identical data.
 Each split folder holds: `<split>.csv` (MS-CXR layout + `target_words` column), `<split>.tsv`
@@ -21,16 +22,16 @@ from typing import Optional
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from m2ib.data.cc import write_cc, write_text_gt
 from m2ib.data.generator import GENERATOR_VERSION, IMAGE_SIZE, alternative_caption, generate_pair, pixel_sha256
 from m2ib.data.mscxr import TEXT_GT_COLUMN, load_mscxr, write_mscxr
 from m2ib.core.errors import DataUnavailableError, InputError
+from m2ib.core.paths import missing_asset_message, source_checkout, user_cache_dir
+from m2ib.core.progress import progress_bar
 from m2ib.core.records import Sample
 from m2ib.data.registry import register_dataset
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "embedded"
 DATA_MANIFEST = ASSET_DIR / "data_manifest.json"
 DATA_SEED = 20231210
@@ -38,7 +39,10 @@ SPLIT_SIZES = {"train": 16000, "val": 500, "test": 500}
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("M2IB_EMBEDDED_CACHE", REPO_ROOT / ".cache" / "embedded"))
+    if os.environ.get("M2IB_EMBEDDED_CACHE"):
+        return Path(os.environ["M2IB_EMBEDDED_CACHE"])
+    root = source_checkout()
+    return root / ".cache" / "embedded" if root is not None else user_cache_dir("embedded")
 
 
 def split_dir(split: str, root: Optional[Path] = None) -> Path:
@@ -57,7 +61,7 @@ def write_split(split: str, out_dir, n: Optional[int] = None, seed: int = DATA_S
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     samples, paths, objects = [], [], []
-    for i in tqdm(range(n), desc=f"generating {split}", disable=not progress):
+    for i in progress_bar(range(n), desc=f"generating {split}", unit="pair", enabled=progress):
         p = generate_pair(seed, split, i)
         rel = f"images/{p.id}.png"
         image = Image.fromarray(p.image)
@@ -147,8 +151,8 @@ def _reverify(split: str, folder: Path, stamp: Path, expected: dict) -> bool:
 
 def read_manifest() -> dict:
     if not DATA_MANIFEST.is_file():
-        raise DataUnavailableError(f"data manifest {DATA_MANIFEST} is missing; recreate it with "
-                                   f"python scripts/make_embedded_data.py --write-manifest")
+        raise DataUnavailableError(missing_asset_message(DATA_MANIFEST, "the embedded data manifest", "recreate it "
+                                                         "from a clone with python scripts/make_embedded_data.py --write-manifest"))
     return json.loads(DATA_MANIFEST.read_text())
 
 
@@ -194,7 +198,9 @@ def ensure_split(split: str, root: Optional[Path] = None, progress: bool = True)
 @register_dataset("embedded")
 def load_embedded_split(split: str = "test", limit: Optional[int] = None, root: Optional[Path] = None,
                         progress: bool = True) -> list[Sample]:
-    """Samples of a split read back through the MS-CXR loader; meta gets every object of the image
+    """The generated shapes benchmark (bundled, MS-CXR layout with boxes and target words).
+
+    Samples of a split read back through the MS-CXR loader; meta gets every object of the image
     (meta['objects']), the target's attributes (meta['target']), whether the size is in the caption, and
     a caption naming another object of the image (meta['alternative'], or None)."""
     folder = ensure_split(split, root, progress=progress)

@@ -14,9 +14,9 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from m2ib.core.errors import DataUnavailableError, InputError
+from m2ib.core.progress import progress_bar
 from m2ib.core.records import Sample
 from m2ib.data.registry import register_dataset
 
@@ -119,7 +119,8 @@ def load_mscxr(csv_path, image_root, limit: Optional[int] = None, max_side: Opti
         per_image[dicom_id] = per_image.get(dicom_id, 0) + 1
     seen: dict[str, int] = {}
     samples = []
-    items = tqdm(groups.items(), desc=f"loading {csv_path.name}", disable=not progress or len(groups) < 200)
+    items = progress_bar(groups.items(), desc=f"loading {csv_path.name}", total=len(groups),
+                         enabled=progress and len(groups) >= 200)
     for (dicom_id, label_text), g in items:
         row, where = g["row"], g["where"]
         image, scale, on_disk = _open_image(image_root / row["path"], where, max_side)

@@ -38,9 +38,9 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from m2ib.core.errors import DataUnavailableError, InputError
+from m2ib.core.progress import progress_bar
 
 MANIFEST_COLUMNS = ("url", "path", "sha256", "status")
 STATUSES = ("ok", "dead", "corrupt", "timeout")
@@ -345,7 +345,7 @@ def download_cc(tsv, out_dir, n: Optional[int] = None, seed: int = 0, workers: i
     resolved: set[str] = set()
     pos = 0
     chunk = max(workers * 4, 16)
-    bar = tqdm(total=target, desc="CC pairs", unit="pair", disable=not progress)
+    bar = progress_bar(total=target, desc="CC pairs", unit="pair", enabled=progress, leave=True)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         while len(selected_idx) < target and pos < len(order):
             need = target - len(selected_idx)

@@ -14,7 +14,9 @@ from m2ib.method.stats import layer_stats, weights_digest
 
 @register_method("m2ib")
 class M2IBAttributor(Attributor):
-    """Hyperparameters: an M2IBConfig (`config=`) or its flat keywords (layer, beta, var, steps, copies,
+    """M2IB (Wang et al. 2023): per-pair information bottlenecks fitted to the other modality's embedding.
+
+    Hyperparameters: an M2IBConfig (`config=`) or its flat keywords (layer, beta, var, steps, copies,
     lr, init_alpha, each optionally image_/text_ prefixed; mode; amp; stats). Layers and betas not given
     are the model's (adapter.default_m2ib_settings()). `modalities` picks what to explain. In mode "iba"
     the layer statistics are estimated (or read from their cache) once, at construction.

@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 from m2ib.core.errors import ModelUnavailableError
+from m2ib.core.paths import missing_asset_message
 
 EMBEDDED_MODEL_NAME = "m2ib-shapes-vit"
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "embedded"
@@ -19,9 +20,11 @@ M2IB_SETTINGS = {"image_layer": 0, "text_layer": 0, "image_beta": 0.1, "text_bet
 def verify_checkpoint(path: Path = CHECKPOINT) -> str:
     """sha256 of the committed checkpoint, checked against its .sha256 file."""
     if not Path(path).is_file():
-        raise ModelUnavailableError(f"embedded checkpoint {path} is missing; retrain it with `make embedded-model`")
+        raise ModelUnavailableError(missing_asset_message(path, "the embedded model's checkpoint",
+                                                          "retrain it from a clone with `make embedded-model` (~15 min)"))
     if not CHECKPOINT_SHA256.is_file():
-        raise ModelUnavailableError(f"checksum file {CHECKPOINT_SHA256} is missing")
+        raise ModelUnavailableError(missing_asset_message(CHECKPOINT_SHA256, "the embedded model's checksum file",
+                                                          "retrain the model from a clone with `make embedded-model`"))
     expected = CHECKPOINT_SHA256.read_text().split()[0]
     got = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     if got != expected:

@@ -19,6 +19,7 @@ import torch
 from m2ib.core.attributor import METHODS, attribute_with
 from m2ib.core.errors import InputError, M2IBError
 from m2ib.core.metric import METRICS, MetricContext, table_columns
+from m2ib.core.progress import progress_bar
 from m2ib.core.registry import check_params
 from m2ib.data.registry import load_dataset, loader_params
 from m2ib.models.sources import build, resolve
@@ -32,13 +33,15 @@ GROUP_BY = ["method", "modality"]
 ROW_KEYS = ["sample_id", "method", "modality"]
 
 
-def build_adapter(model_cfg: dict, device: str):
+def build_adapter(model_cfg: dict, device: str, progress: bool = False):
     """The adapter named by a model config; returns (adapter, identity used as cache key).
 
     model.m2ib (optional) overrides the model description's M2IB layers/betas, e.g. for a checkpoint
     fine-tuned on another domain (conf/model/local_checkpoint.yaml)."""
-    source = resolve(model_cfg["name"], model_cfg.get("pretrained"))
-    adapter = build(source, device=device)
+    with progress_bar(total=1, desc=f"loading model {model_cfg['name']}", unit="model", enabled=progress) as bar:
+        source = resolve(model_cfg["name"], model_cfg.get("pretrained"))
+        adapter = build(source, device=device)
+        bar.update()
     adapter.m2ib_defaults.update(model_cfg.get("m2ib") or {})
     return adapter, source.identity()
 
@@ -173,7 +176,7 @@ def _run(cfg: dict, run_dir: Optional[Path], tally: _Tally) -> dict:
     methods = {name: dict(params or {}) for name, params in cfg["method"].items()}
     specs = {name: (METRICS.get(name), METRICS.get(name).check_params(params or {}))
              for name, params in cfg["metric"].items()}
-    adapter, identity = build_adapter(cfg["model"], device)
+    adapter, identity = build_adapter(cfg["model"], device, progress)
     attributors = {name: METHODS.get(name)(adapter, **params) for name, params in methods.items()}
     samples, total = load_samples(cfg["data"], progress=progress)
     if not samples:
@@ -192,8 +195,8 @@ def _run(cfg: dict, run_dir: Optional[Path], tally: _Tally) -> dict:
         timings[name] = {"wall_seconds": time.perf_counter() - start,
                          "seconds_per_pair_when_computed": att.seconds / len(samples)}
         examples[name] = att.select(range(min(4, len(samples))))
-        context = MetricContext(attribute=attribute_with(name, batch_size, seed, hparams=methods[name]), seed=seed,
-                                work_dir=Path(cfg["cache_dir"]), progress=progress)
+        context = MetricContext(attribute=attribute_with(name, batch_size, seed, progress, hparams=methods[name]),
+                                seed=seed, work_dir=Path(cfg["cache_dir"]), progress=progress)
         merged = None
         for metric, (spec, params) in specs.items():
             tic = time.perf_counter()

@@ -7,7 +7,8 @@
   computes maps, a fingerprint of exactly the evaluated samples (captions + decoded pixels), the data
   location, device, threads, package versions, the resolved config and timings.
 - check_publishable(): publishing (make reproduce-*) is refused from a tree with uncommitted changes
-  outside results/, unless allow_dirty=true, which the sidecar then records.
+  outside results/, unless allow_dirty=true, which the sidecar then records, and from an installed copy
+  (no checkout: the table could not pin its commit); ad hoc runs of an installed copy record no commit.
 """
 from __future__ import annotations
 
@@ -18,13 +19,13 @@ import platform
 import subprocess
 from importlib import metadata as _md
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from m2ib.core.errors import InputError
+from m2ib.core.paths import PACKAGE_DIR, source_checkout
 from m2ib.core.records import Sample
 from m2ib.pipeline.cache import code_version, config_key, fingerprint
 
-REPO = Path(__file__).resolve().parents[2]
 #: Config keys that do not change a table's numbers (where and how fast it is computed, what is drawn,
 #: the regression check's tolerances).
 NOT_IDENTITY = ("device", "threads", "batch_size", "progress", "cache_dir", "results_dir", "published_dir",
@@ -51,9 +52,14 @@ def package_versions(names=("torch", "torchvision", "open_clip_torch", "numpy", 
     return out
 
 
-def git_state(cwd: Path = REPO) -> dict:
+def git_state(cwd: Optional[Path] = None) -> dict:
     """{'commit': HEAD or None, 'dirty_files': tracked files changed outside results/ (the tables being
-    written are not the code that writes them)}."""
+    written are not the code that writes them)} of `cwd`, by default the source checkout the code runs
+    from; an installed copy is not one (even inside someone else's git repository): no commit."""
+    cwd = cwd or source_checkout()
+    if cwd is None:
+        return {"commit": None, "dirty_files": []}
+
     def git(*args):
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=cwd, check=True).stdout
     try:
@@ -69,7 +75,10 @@ def check_publishable(cfg: dict, state: dict) -> None:
     if not cfg.get("publish"):
         return
     if state["commit"] is None:
-        raise InputError("publish=true needs a git checkout (the table must record its commit)")
+        where = "an installed copy" if source_checkout() is None else "not a git checkout"
+        raise InputError(f"publish=true needs a git checkout of m2ib-bench (a published table records its commit); "
+                         f"the code in {PACKAGE_DIR} is {where}: publish from a clone with `make reproduce-...`, "
+                         f"or drop publish=true (ad hoc tables go to results_dir)")
     if state["dirty_files"] and not cfg.get("allow_dirty"):
         files = ", ".join(state["dirty_files"][:5]) + (" ..." if len(state["dirty_files"]) > 5 else "")
         raise InputError(f"refusing to publish from a tree with uncommitted changes ({files}): commit them first, "
@@ -100,6 +109,7 @@ def run_metadata(cfg: dict, samples: Sequence[Sample], device: str, seeds: dict,
     return {
         "result_identity": result_identity(cfg),
         "git_commit": state["commit"],
+        "code_from": "git checkout" if state["commit"] else f"not a git checkout ({PACKAGE_DIR})",
         "git_clean": not state["dirty_files"],
         "git_dirty_files": state["dirty_files"],
         "dirty_allowed": bool(cfg.get("allow_dirty")) and bool(state["dirty_files"]),
