@@ -1,7 +1,8 @@
 """Grad-ECLIP and LeGrad: the adapter hooks they read (record_attention parts, pooled_index,
-embed_hidden), the methods' contract on both tiny model families, plain restatements of their
-equations (loops over heads, positions and layers, no shared numerical code with the fast paths),
-and on the embedded trained model: localisation against the random map and caption steering."""
+embed_hidden), the methods' contract on the three tiny model families (open_clip ViT, timm+BERT,
+transformers CLIP), plain restatements of their equations (loops over heads, positions and layers,
+no shared numerical code with the fast paths), and on the embedded trained model: localisation
+against the random map and caption steering."""
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ from m2ib.core.attributor import attribute_with, get_method
 from m2ib.core.errors import InputError, UnsupportedError
 from m2ib.core.metric import MetricContext
 from m2ib.models.base import ModelAdapter
-from tiny_models import write_tiny_hf_model
+from tiny_models import write_tiny_hf_clip, write_tiny_hf_model
 
 METHODS = ("grad_eclip", "legrad")
 #: Float32 recomputations in another order (loops vs batched matmuls): 1e-5 relative is ~100 ulps.
@@ -38,9 +39,18 @@ def hf(tmp_path_factory):
         return load_adapter("m2ib-sota-timm-bert", pretrained=None, seed=0)
 
 
-@pytest.fixture(params=["open_clip_vit", "open_clip_hf"])
-def any_adapter(request, tiny_adapter, hf):
-    return tiny_adapter if request.param == "open_clip_vit" else hf
+@pytest.fixture(scope="module")
+def hf_clip(tmp_path_factory):
+    from m2ib.models.sources import load_adapter
+    folder = write_tiny_hf_clip(tmp_path_factory.mktemp("tiny_hf_clip_sota") / "clip")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        return load_adapter(f"hf:{folder}")
+
+
+@pytest.fixture(params=["tiny_adapter", "hf", "hf_clip"], ids=["open_clip_vit", "open_clip_hf", "hf_clip"])
+def any_adapter(request):
+    return request.getfixturevalue(request.param)
 
 
 # ---- the hooks ----------------------------------------------------------------------------------------
@@ -71,7 +81,7 @@ def test_attention_parts_agree_with_prefix_and_encode(any_adapter, modality):
 def test_pooled_index(any_adapter):
     pixels, text = _inputs(any_adapter)
     assert any_adapter.pooled_index("image", pixels).tolist() == [0, 0]
-    want = text.eot.tolist() if any_adapter.family == "open_clip_vit" else [0, 0]   # EOT / BERT [CLS]
+    want = [0, 0] if any_adapter.family == "open_clip_hf" else text.eot.tolist()   # BERT [CLS] / CLIP EOT
     assert any_adapter.pooled_index("text", text).tolist() == want
 
 

@@ -1,7 +1,8 @@
 """The Hugging Face transformers CLIP adapter on a tiny random CLIPModel written offline with save_pretrained:
 prefix/suffix against the model's own get_image_features/get_text_features at every layer, the whole adapter
 interface (every registered method runs on it), bad input, explain() and a Hydra run, and the bridge: the same
-weights converted to open_clip give the same embeddings and the same M2IB capacities through both adapters."""
+weights converted to open_clip give the same embeddings, the same M2IB capacities and the same Grad-ECLIP and
+LeGrad maps through both adapters."""
 import json
 import shutil
 from pathlib import Path
@@ -303,14 +304,20 @@ def test_finetuned_checkpoint_file(tmp_path, folder, hf, inputs):
 
 
 # ---- the bridge: the same weights through open_clip ---------------------------------------------------------
-def test_bridge_to_open_clip_same_embeddings_and_m2ib(tmp_path, hf, inputs):
+@pytest.fixture(scope="module")
+def bridged(hf, tmp_path_factory):
     """HF CLIPModel -> open_clip_state_dict -> open_clip m2ib-tiny-vit (same shape, GELU) via a local
-    checkpoint file: the same pixels and ids give the same embeddings, and M2IB (same pair seeds, so the
-    same noise) the same capacities at both image and text bottlenecks."""
-    pixels, _ = inputs
-    ckpt = tmp_path / "converted.pt"
+    checkpoint file."""
+    ckpt = tmp_path_factory.mktemp("bridge") / "converted.pt"
     torch.save(open_clip_state_dict(hf.model), ckpt)
-    oc = load_adapter("m2ib-tiny-vit", pretrained=str(ckpt))
+    return load_adapter("m2ib-tiny-vit", pretrained=str(ckpt))
+
+
+def test_bridge_to_open_clip_same_embeddings_and_m2ib(hf, bridged, inputs):
+    """The same pixels and ids give the same embeddings through both adapters, and M2IB (same pair seeds,
+    so the same noise) the same capacities at both image and text bottlenecks."""
+    pixels, _ = inputs
+    oc = bridged
     caps = ["a red circle", "a big blue square on the left of the picture", "green"]
     t_hf, t_oc = hf.tokenize(caps), oc.tokenize(caps)
     with torch.no_grad():
@@ -331,6 +338,24 @@ def test_bridge_to_open_clip_same_embeddings_and_m2ib(tmp_path, hf, inputs):
     print("bridge embeddings: max abs difference",
           {m: f"{(a - b).abs().max().item():.1e}" for m, (a, b) in emb.items()})
     torch.testing.assert_close(r_hf.image, r_oc.image, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["grad_eclip", "legrad"])
+@pytest.mark.parametrize("variant", ["paper", "code"])
+def test_bridge_grad_eclip_and_legrad_maps_agree(hf, bridged, inputs, pairs, name, variant):
+    """The attention hooks (q/k/v/out/hidden parts, pooled_index, embed_hidden) of both adapters give the
+    same Grad-ECLIP and LeGrad image and text maps from the same weights. Tolerance BRIDGE_RTOL relative to
+    the map's largest value; measured when written: at most 1.1e-6 (Grad-ECLIP text), LeGrad 4.6e-7."""
+    pixels, text = inputs
+    seeds = [0, 1, 2]
+    a = get_method(name, hf, variant=variant, progress=False).attribute(pixels, text, seeds)
+    b = get_method(name, bridged, variant=variant, progress=False).attribute(pixels, bridged.tokenize(pairs[1]), seeds)
+    for modality in ("image", "text"):
+        mine, theirs = getattr(a, modality), getattr(b, modality)
+        assert theirs.abs().max() > 0 and mine.shape == theirs.shape
+        rel = ((mine - theirs).abs().max() / theirs.abs().max()).item()
+        print(f"bridge {name} {variant} {modality}: max relative difference {rel:.1e}")
+        assert rel <= BRIDGE_RTOL, modality
 
 
 def test_bridge_quick_gelu(hf, inputs):

@@ -24,8 +24,13 @@ processor of transformers 4.x that the release ran (5.x defaults to a torchvisio
 resize differs by up to 0.03 in normalised units, measured here on 224 px crops). The PIL backend gives
 open_clip's transform exactly, except that it rounds the crop offset down (open_clip rounds half to even).
 
+The layers are written out (run_clip_layer) so that attention can be recorded with its graph, including
+each block's q/k/v, per-head output and hidden state for Grad-ECLIP and LeGrad; the pooled token is the class
+token (image) or end-of-text (text), and embed_hidden sends any block's hidden state through the tower's own
+head (post_layernorm / final_layer_norm of that token, projection).
+
 open_clip_state_dict() converts the weights to open_clip's CLIP layout (the bridge test shows both
-adapters give the same embeddings and M2IB maps from the same weights).
+adapters give the same embeddings, M2IB maps and Grad-ECLIP / LeGrad maps from the same weights).
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ import torch.nn.functional as F
 from m2ib.core.errors import InputError, ModelUnavailableError, UnsupportedError
 from m2ib.core.records import TextBatch
 from m2ib.models import offline
-from m2ib.models.base import ModelAdapter
+from m2ib.models.base import ModelAdapter, add_attention_parts
 from m2ib.models.open_clip_vit import bpe_row_strings
 
 PREFIX = "hf:"
@@ -59,7 +64,8 @@ def run_clip_layer(layer, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
                    query_index: Optional[torch.Tensor] = None, record: Optional[list] = None) -> torch.Tensor:
     """One CLIPEncoderLayer: x (B, N, C) -> (B, N, C), or (B, 1, C) when query_index (B,) picks one query
     per row. mask: (1, 1, N, N) additive or None. Without record/query_index this is the module call (so
-    forward hooks, e.g. pytorch-grad-cam's, see it)."""
+    forward hooks, e.g. pytorch-grad-cam's, see it). With record, the attention probabilities and (when
+    record.parts is on) q/k/v/out/hidden are recorded (ModelAdapter.record_attention)."""
     if record is None and query_index is None:
         out = layer(x, mask)
         return out[0] if isinstance(out, tuple) else out
@@ -87,7 +93,9 @@ def run_clip_layer(layer, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
         record.append(probs)
         out = probs @ v
     y = x_q + attn.out_proj(out.transpose(1, 2).reshape(B, Q, C))
-    return y + layer.mlp(layer.layer_norm2(y))
+    y = y + layer.mlp(layer.layer_norm2(y))
+    add_attention_parts(record, q=q, k=k, v=v, out=out, hidden=y)
+    return y
 
 
 # ---- the adapter ------------------------------------------------------------------------------------------
@@ -153,6 +161,7 @@ class HFCLIPAdapter(ModelAdapter):
         return int(text.eot.max()) + 1
 
     def _text_head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The end-of-text token's hidden state (B, C) -> final norm -> projection -> normalised."""
         return F.normalize(self.model.text_projection(self.text.final_layer_norm(pooled)), dim=-1)
 
     def _run_text(self, x: torch.Tensor, layers, record) -> torch.Tensor:
@@ -182,9 +191,7 @@ class HFCLIPAdapter(ModelAdapter):
             for lyr in middle:
                 x = run_clip_layer(lyr, x, record=rec)
             cls = None if rec is not None else torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-            x = run_clip_layer(last, x, query_index=cls, record=rec)
-            pooled = self.vision.post_layernorm(x[:, 0])
-            return F.normalize(self.model.visual_projection(pooled), dim=-1)
+            return self._image_head(run_clip_layer(last, x, query_index=cls, record=rec))
         copies = hidden.shape[0] // len(inputs)
         eot = inputs.eot.repeat_interleave(copies)
         mask = causal_mask(x.shape[1], x.dtype, x.device)
@@ -198,6 +205,10 @@ class HFCLIPAdapter(ModelAdapter):
             pooled = x[torch.arange(x.shape[0], device=x.device), eot]
         return self._text_head(pooled)
 
+    def _image_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Image hidden state (B, N, C) -> post_layernorm of the class token -> projection -> normalised."""
+        return F.normalize(self.model.visual_projection(self.vision.post_layernorm(x[:, 0])), dim=-1)
+
     def _text_positions(self, text: TextBatch) -> torch.Tensor:
         return torch.arange(self._text_len(text), device=self.device)[None] <= text.eot[:, None]
 
@@ -210,6 +221,18 @@ class HFCLIPAdapter(ModelAdapter):
         return self._text_head(x[torch.arange(x.shape[0], device=x.device), text.eot])
 
     # ---- hooks -----------------------------------------------------------------------------------------
+    supports_attention_parts = True
+
+    def pooled_index(self, modality: str, inputs) -> torch.Tensor:
+        if modality == "text":
+            return inputs.eot
+        return torch.zeros(inputs.shape[0], dtype=torch.long, device=self.device)
+
+    def embed_hidden(self, modality: str, hidden: torch.Tensor, inputs) -> torch.Tensor:
+        if modality == "image":
+            return self._image_head(hidden)
+        return self._text_head(hidden[torch.arange(hidden.shape[0], device=hidden.device), inputs.eot])
+
     def _blocks(self, modality: str):
         return self.vision.encoder.layers if modality == "image" else self.text.encoder.layers
 
