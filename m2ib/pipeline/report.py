@@ -126,8 +126,8 @@ def _table_html(table: Optional[pd.DataFrame], by: Sequence[str], values: Sequen
             extra = f" (n={int(k)})" if k != r["n"] else ""
             cells.append(f'<td data-v="{m:.6g}">{m:.{digits}f} <small>[{lo:.{digits}f}, {hi:.{digits}f}]{extra}</small></td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<table class="sortable" id="results"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table>')
+    return (f'<div class="wide"><table class="sortable" id="results"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
 def _provenance_html(meta: dict) -> str:
@@ -192,7 +192,7 @@ def write_report(path, *, title: str, samples: Sequence, inputs: Sequence[dict],
 _STYLE = """
 body{font:14px system-ui,sans-serif;margin:1em 2em;color:#222}
 h2{margin-top:1.5em;border-bottom:1px solid #ccc}
-table{border-collapse:collapse}
+table{border-collapse:collapse}.wide{overflow-x:auto;max-width:100%}
 #results th,#results td{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}
 #results th{cursor:pointer;background:#f2f2f2;user-select:none}
 #results th.asc:after{content:" \\25B2"}#results th.desc:after{content:" \\25BC"}
