@@ -115,3 +115,21 @@ def test_pipeline_attributions_carry_the_context_but_the_cache_rows_do_not(tiny_
     with np.load(rows[0]) as z:
         assert set(z.files) <= {"fingerprint", "image", "text", "token_mask", "tokens", "seconds"}
     assert torch.equal(att.image, again.image)
+
+
+def test_the_timm_bert_family_plots_on_its_original_images(tmp_path):
+    """Another adapter family (timm ViT + HF BERT, word-piece tokens): a grid and a single figure."""
+    import open_clip
+    from m2ib.models.sources import load_adapter
+    from tiny_models import write_tiny_hf_model
+    open_clip.add_model_config(write_tiny_hf_model(tmp_path / "hf", name="m2ib-figures-timm-bert"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        adapter = load_adapter("m2ib-figures-timm-bert", pretrained=None, seed=0)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (120, 200, 3), dtype=np.uint8)) for _ in range(2)]
+    atts = [explain(adapter, images, ["the left lung opacity", "pleural effusions"], method=m)
+            for m in ("random", "saliency")]
+    assert atts[0].frame == InputFrame.of(adapter) and atts[0].samples[0].image.size == (200, 120)
+    assert save_figure(method_grid(atts), tmp_path / "grid.png").stat().st_size > 10_000
+    assert atts[1].save_figure(tmp_path / "one.png", row=1).is_file()
