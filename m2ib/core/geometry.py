@@ -1,7 +1,8 @@
 """Where a box in the original image lands after the model's resize + crop/pad preprocessing.
 
 The released M2IB evaluation scaled boxes ignoring the centre crop; here boxes go through exactly
-the geometry of the image transform, so maps and boxes are compared in the same frame.
+the geometry of the image transform, so maps and boxes are compared in the same frame. InputFrame
+goes the other way for figures: a map of the input frame back onto the original image.
 """
 from __future__ import annotations
 
