@@ -14,7 +14,7 @@ ALLOW_DIRTY ?=
 PUBLISH := $(RUN) publish=true $(if $(ALLOW_DIRTY),allow_dirty=true)
 SWEEP_DIRTY := $(if $(ALLOW_DIRTY),--allow-dirty)
 
-.PHONY: install test reproduce-table1 reproduce-table2 reproduce-table3 reproduce-sanity reproduce-sweep sweep regression \
+.PHONY: install browser test reproduce-table1 reproduce-table2 reproduce-table3 reproduce-sanity reproduce-sweep sweep regression \
         regression-reference bench bench-baselines embedded-model clean
 
 install: $(STAMP)
@@ -25,8 +25,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
+## Headless chromium for the HTML report's browser test (Debian's package; installed once, needs root or sudo).
+browser:
+	@command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
+
 ## The test suite (CI runs exactly this through .ci/run).
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PYTHON) -m pytest -q -n 2 tests
 
 ## Table 1 (confidence drop/increase, all methods, both modalities). Real data: MODEL=vit_b32_openai DATA=cc

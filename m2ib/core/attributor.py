@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from m2ib.core.errors import InputError
+from m2ib.core.geometry import InputFrame
 from m2ib.core.progress import progress_bar
 from m2ib.core.records import Attribution, Sample, TextBatch, concat_attributions
 from m2ib.core.registry import Registry, check_params
@@ -78,6 +79,14 @@ class Attributor(abc.ABC):
     def identity(self) -> dict:
         """The resolved hyperparameters that determine the maps (the attribution cache's key)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hparams.items() if k != "progress"}
+
+    def with_context(self, attribution: Attribution, samples: Sequence[Sample]) -> Attribution:
+        """`attribution` (rows = samples, in order) with what figures need: the samples themselves (in
+        memory only), the model's input frame and these hyperparameters."""
+        attribution.samples = list(samples)
+        attribution.frame = InputFrame.of(self.adapter)
+        attribution.hparams = self.identity()
+        return attribution
 
     # ---- the method -------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -183,7 +192,7 @@ def attribute_in_batches(attributor: Attributor, samples: Sequence[Sample], seed
         parts.append(att)
         bar.update(len(chunk))
     bar.close()
-    return concat_attributions(parts)
+    return attributor.with_context(concat_attributions(parts), samples)
 
 
 # ---- a method as a function of the model ----------------------------------------------------------

@@ -1,9 +1,12 @@
 """Where a box in the original image lands after the model's resize + crop/pad preprocessing.
 
 The released M2IB evaluation scaled boxes ignoring the centre crop; here boxes go through exactly
-the geometry of the image transform, so maps and boxes are compared in the same frame.
+the geometry of the image transform, so maps and boxes are compared in the same frame. InputFrame
+goes the other way for figures: a map of the input frame back onto the original image.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -65,3 +68,63 @@ def boxes_to_mask(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         cols = (xs >= x) & (xs < x + bw)
         mask |= rows[:, None] & cols[None, :]
     return mask
+
+
+@dataclass(frozen=True)
+class InputFrame:
+    """The model's input geometry: the preprocessed (H, W) frame maps lie in, and how an original
+    image was resized into it (`mode` as in resize_crop_params). Figures use it to put a map back on
+    the image the user gave."""
+
+    image_size: tuple[int, int]
+    resize_mode: str = "shortest"
+
+    @classmethod
+    def of(cls, adapter) -> "InputFrame":
+        return cls(tuple(int(v) for v in adapter.image_size), adapter.resize_mode)
+
+    def _params(self, original_size: tuple[int, int]):
+        h, w = self.image_size
+        return resize_crop_params(original_size, (w, h), self.resize_mode)
+
+    def visible_rect(self, original_size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) in original pixels: the part of the original the model saw (the rest was
+        cropped away)."""
+        h, w = self.image_size
+        sx, sy, ox, oy = self._params(original_size)
+        ow, oh = original_size
+        return (max(ox / sx, 0.0), max(oy / sy, 0.0), min((ox + w) / sx, float(ow)), min((oy + h) / sy, float(oh)))
+
+    def to_original(self, heatmap, original_size: tuple[int, int], out_size=None) -> np.ndarray:
+        """A (H, W) map of the input frame -> (oh, ow) map over the ORIGINAL image (out_size = (ow, oh),
+        default the original's own size), bilinear; NaN where the model saw nothing (cropped away).
+
+        Each output pixel centre is mapped forward through the resize + crop (resize_crop_params) and the
+        map is read there, so this is exactly the inverse of the preprocessing's geometry."""
+        heat = np.asarray(heatmap, dtype=np.float32)
+        if heat.shape != tuple(self.image_size):
+            raise InputError(f"map has shape {heat.shape}, expected the model's input frame {tuple(self.image_size)}")
+        w0, h0 = original_size
+        ow, oh = out_size or original_size
+        h, w = self.image_size
+        sx, sy, ox, oy = self._params(original_size)
+        u = (np.arange(ow) + 0.5) * (w0 / ow) * sx - ox          # input-frame x of each output column
+        v = (np.arange(oh) + 0.5) * (h0 / oh) * sy - oy
+        out = _bilinear(heat, v, u)
+        out[~((v >= 0) & (v < h))[:, None] | ~((u >= 0) & (u < w))[None, :]] = np.nan
+        return out
+
+
+def _bilinear(image: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """image read at the grid ys x xs (continuous coordinates, pixel k centred at k + 0.5), bilinear,
+    edges clamped (the align_corners=False convention of the model's own upsampling)."""
+    def weights(coords, n):
+        c = np.clip(coords - 0.5, 0, n - 1)
+        lo = np.floor(c).astype(int)
+        hi = np.minimum(lo + 1, n - 1)
+        return lo, hi, (c - lo).astype(np.float32)
+    y0, y1, fy = weights(ys, image.shape[0])
+    x0, x1, fx = weights(xs, image.shape[1])
+    top = image[y0][:, x0] * (1 - fx) + image[y0][:, x1] * fx
+    bottom = image[y1][:, x0] * (1 - fx) + image[y1][:, x1] * fx
+    return top * (1 - fy)[:, None] + bottom * fy[:, None]

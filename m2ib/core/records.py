@@ -82,6 +82,10 @@ class Attribution:
         anything (others are 0).
     tokens: token strings per row; token_mask: (B, T) bool, real word tokens only.
     Either map may be None when a method explains one modality only.
+    What figures need, attached by m2ib.api.explain and the pipeline (held in memory only; the
+    attribution cache never stores them): samples, the explained pairs in order (original images,
+    captions, known boxes); frame, the model's input geometry (m2ib.core.geometry.InputFrame) that
+    maps lie in; hparams, the method's resolved hyperparameters.
     """
 
     method: str
@@ -91,6 +95,9 @@ class Attribution:
     token_mask: torch.Tensor
     seconds: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+    samples: Optional[list[Sample]] = None
+    frame: Any = None
+    hparams: Optional[dict[str, Any]] = None
 
     def __post_init__(self):
         for name in ("image", "text"):
@@ -103,11 +110,25 @@ class Attribution:
         return len(self.tokens)
 
     def select(self, rows) -> "Attribution":
-        """The given rows (an iterable of ints) as a new Attribution (meta is not carried)."""
+        """The given rows (an iterable of ints) as a new Attribution (meta is not carried; the figure
+        context, samples, frame and hparams, is)."""
         rows = list(rows)
         pick = lambda t: None if t is None else t[rows]
         return Attribution(self.method, pick(self.image), pick(self.text), [self.tokens[i] for i in rows],
-                           self.token_mask[rows], seconds=self.seconds * len(rows) / max(len(self), 1))
+                           self.token_mask[rows], seconds=self.seconds * len(rows) / max(len(self), 1),
+                           samples=None if self.samples is None else [self.samples[i] for i in rows],
+                           frame=self.frame, hparams=self.hparams)
+
+    def plot(self, row: int = 0, **kwargs):
+        """Figure of one pair: the map over the ORIGINAL image, tokens shaded by score, a colour bar
+        (m2ib.core.figures.plot_attribution, which lists the options). Returns the matplotlib Figure."""
+        from m2ib.core.figures import plot_attribution
+        return plot_attribution(self, row, **kwargs)
+
+    def save_figure(self, path, row: int = 0, dpi: int = 130, **kwargs):
+        """plot(row, **kwargs) written to `path` (PNG, PDF, SVG by its suffix); returns the path."""
+        from m2ib.core.figures import plot_attribution, save_figure
+        return save_figure(plot_attribution(self, row, **kwargs), path, dpi=dpi)
 
     def word_scores(self, row: int) -> list[tuple[str, float]]:
         """(token, score) for the real word tokens of one row, in order."""
@@ -146,6 +167,8 @@ def concat_attributions(parts: list[Attribution]) -> Attribution:
         return torch.cat([v.cpu() for v in values])
 
     meta = {k: _concat_meta([p.meta.get(k) for p in parts]) for k in parts[0].meta}
+    samples = None if any(p.samples is None for p in parts) else [s for p in parts for s in p.samples]
     return Attribution(method=parts[0].method, image=cat("image"), text=cat("text"),
                        tokens=[t for p in parts for t in p.tokens], token_mask=cat("token_mask"),
-                       seconds=sum(p.seconds for p in parts), meta=meta)
+                       seconds=sum(p.seconds for p in parts), meta=meta, samples=samples,
+                       frame=parts[0].frame, hparams=parts[0].hparams)

@@ -38,4 +38,4 @@ def compute_attributions(attributor: Attributor, samples: Sequence[Sample], cach
         attribute_in_batches(attributor, todo, seed=seed, batch_size=batch_size, progress=progress, on_batch=store)
     else:
         log.info("%s: all %d samples cached in %s", name, len(samples), cache.dir)
-    return cache.get(samples)
+    return attributor.with_context(cache.get(samples), samples)

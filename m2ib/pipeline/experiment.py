@@ -18,6 +18,8 @@ import torch
 
 from m2ib.core.attributor import METHODS, attribute_with
 from m2ib.core.errors import InputError, M2IBError
+from m2ib.core.figures import method_grid, save_figure
+from m2ib.core.geometry import InputFrame
 from m2ib.core.metric import METRICS, MetricContext, table_columns
 from m2ib.core.progress import progress_bar
 from m2ib.core.registry import check_params
@@ -26,6 +28,7 @@ from m2ib.models.sources import build, resolve
 from m2ib.pipeline.compute import compute_attributions
 from m2ib.pipeline.curves import write_curves
 from m2ib.pipeline.provenance import check_overwrite, check_publishable, git_state, result_identity, run_metadata
+from m2ib.pipeline.report import input_cells, method_cells, report_settings, write_report
 from m2ib.pipeline.tables import aggregate, write_meta, write_table
 
 log = logging.getLogger(__name__)
@@ -109,6 +112,7 @@ def validate_config(cfg: dict) -> None:
             raise InputError(f"metric {name!r} needs the whole data set in one job (its result depends on every "
                              f"evaluated pair); run it with data.num_shards=1")
     loader_params(cfg["data"])
+    report_settings(cfg.get("report"))
     check_model_config(cfg.get("model") or {})
 
 
@@ -187,6 +191,8 @@ def _run(cfg: dict, run_dir: Optional[Path], tally: _Tally) -> dict:
     for out in out_dirs:   # before any work: never overwrite another configuration's table
         check_overwrite(out / f"{stem}.meta.json", result_identity(cfg))
     pair_rows, own_rows, curve_rows, timings, examples = [], {}, {}, {}, {}
+    report = report_settings(cfg.get("report"))
+    thumbnails = {}
     for name, attributor in attributors.items():
         start = time.perf_counter()
         tally.start(name)
@@ -195,6 +201,8 @@ def _run(cfg: dict, run_dir: Optional[Path], tally: _Tally) -> dict:
         timings[name] = {"wall_seconds": time.perf_counter() - start,
                          "seconds_per_pair_when_computed": att.seconds / len(samples)}
         examples[name] = att.select(range(min(4, len(samples))))
+        if report["enabled"] and out_dirs:
+            thumbnails[name] = method_cells(att, report)
         context = MetricContext(attribute=attribute_with(name, batch_size, seed, progress, hparams=methods[name]),
                                 seed=seed, work_dir=Path(cfg["cache_dir"]), progress=progress)
         merged = None
@@ -223,6 +231,7 @@ def _run(cfg: dict, run_dir: Optional[Path], tally: _Tally) -> dict:
 
     meta = {**run_metadata(cfg, samples, device, {"seed": seed, "bootstrap_seed": seed}, state), "timings": timings}
     result: dict = {"paths": {}}
+    values = []
     if pair_rows:
         rows = pd.concat(pair_rows, ignore_index=True)
         values = [c for c in table_columns(specs) if c in rows.columns]
@@ -230,8 +239,7 @@ def _run(cfg: dict, run_dir: Optional[Path], tally: _Tally) -> dict:
         for out in out_dirs:
             result["paths"] = write_table(table, rows, out, stem, GROUP_BY, values, meta)
             if cfg.get("figures", True):
-                from m2ib.pipeline.figures import method_grid
-                result["paths"]["examples"] = method_grid(out / f"{stem}.examples.png", adapter, samples, examples)
+                result["paths"]["examples"] = save_figure(method_grid(examples), out / f"{stem}.examples.png")
             log.info("wrote %s", result["paths"]["md"])
         result.update(rows=rows, table=table)
     for metric, frames in curve_rows.items():
@@ -246,4 +254,14 @@ def _run(cfg: dict, run_dir: Optional[Path], tally: _Tally) -> dict:
             result["paths"].update(specs[metric][0].table(rows, out, stem))
             write_meta(meta, out / f"{stem}.{metric}.meta.json")
         result[metric] = {"rows": rows}
+    if report["enabled"] and out_dirs:
+        inputs = input_cells(samples, InputFrame.of(adapter), report)
+        figures = [p for key, p in result["paths"].items() if str(p).endswith(".png") and key != "examples"]
+        for out in out_dirs:
+            result["paths"]["report"] = write_report(
+                out / f"{stem}.report.html", title=stem, samples=samples, inputs=inputs, cells=thumbnails,
+                meta=meta, settings=report, table=result.get("table"), by=GROUP_BY,
+                values=values,
+                rows=result.get("rows"), figures=figures)
+            log.info("wrote %s", result["paths"]["report"])
     return result

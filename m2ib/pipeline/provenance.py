@@ -29,7 +29,7 @@ from m2ib.pipeline.cache import code_version, config_key, fingerprint
 #: Config keys that do not change a table's numbers (where and how fast it is computed, what is drawn,
 #: the regression check's tolerances).
 NOT_IDENTITY = ("device", "threads", "batch_size", "progress", "cache_dir", "results_dir", "published_dir",
-                "publish", "allow_dirty", "write_results", "figures", "hydra", "regression")
+                "publish", "allow_dirty", "write_results", "figures", "report", "hydra", "regression")
 #: Data keys that select a shard of the same table (merge_shards.py joins them).
 SHARD_KEYS = ("shard", "num_shards")
 
