@@ -51,29 +51,16 @@ for name, att in attributions.items():
     print(f"{name:8s} image maps {tuple(att.image.shape)}, {att.seconds:.2f} s")"""),
     ("markdown", """\
 ## Draw
-Maps live in the model's preprocessed frame (after resize and centre crop); `adapter.to_display` gives
-the matching picture and `adapter.box_to_input_frame` the true box in that frame. Titles name each
-method's highest-scoring caption word where it explains the text too."""),
+Every Attribution carries its pairs' original images and the model's input frame, so `att.plot(i)` draws
+pair i's map over the ORIGINAL image (the resize and centre crop undone; what the model never saw is
+hatched), the caption's words shaded by their scores, a colour bar and the method's hyperparameters.
+`method_grid` puts pairs x methods side by side, the layout of Figure 1 of the M2IB paper."""),
     ("code", """\
-shown = adapter.to_display(adapter.preprocess(images))
-fig, axes = plt.subplots(len(samples), 1 + len(attributions), figsize=(2.6 * (1 + len(attributions)),
-                         2.6 * len(samples)), squeeze=False)
-for i, sample in enumerate(samples):
-    boxes = adapter.box_to_input_frame(sample.boxes, sample.image.size)
-    axes[i, 0].imshow(shown[i])
-    axes[i, 0].set_title(sample.caption, fontsize=8)
-    for j, (name, att) in enumerate(attributions.items(), start=1):
-        axes[i, j].imshow(shown[i])
-        axes[i, j].imshow(att.image[i], cmap="jet", alpha=0.5)
-        words = att.word_scores(i) if att.text is not None else []
-        top = max(words, key=lambda ws: ws[1])[0] if words else "-"
-        axes[i, j].set_title(f"{name} (top word: {top})", fontsize=8)
-    for ax in axes[i]:
-        for x, y, w, h in boxes:
-            ax.add_patch(plt.Rectangle((x, y), w, h, fill=False, edgecolor="white", linewidth=1.5))
-for ax in axes.flat:
-    ax.axis("off")
-fig.tight_layout()"""),
+from m2ib.core.figures import method_grid
+
+attributions["m2ib"].plot(0, boxes=samples[0].boxes)      # boxes: x, y, w, h in original pixels
+grid = method_grid(attributions)
+plt.show()"""),
     ("markdown", """\
 ## Score
 Metrics are registered functions (`m2ib.core.metric.METRICS`, one module each in `metrics/`):

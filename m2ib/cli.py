@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import matplotlib
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +26,7 @@ from m2ib.core.errors import M2IBError
 from m2ib.core.paths import config_dir
 
 log = logging.getLogger("m2ib")
+matplotlib.use("Agg")      # batch runs write figures to files; no window system needed or wanted
 _SENTENCE_END = re.compile(r"[.!?](?=\s+[A-Z(])")
 
 

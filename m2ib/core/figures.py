@@ -1,4 +1,4 @@
-"""Figures of attributions, headless (the Agg backend is selected on import).
+"""Figures of attributions (any matplotlib backend: inline in notebooks; the command line selects Agg).
 
 Every map is drawn over the ORIGINAL image the user gave: the map lives in the model's input frame
 (after resize + centre crop), so it is put back through the inverse of that geometry
@@ -16,15 +16,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image, ImageDraw
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-
-from m2ib.core.errors import InputError  # noqa: E402
-from m2ib.core.geometry import InputFrame  # noqa: E402
-from m2ib.core.images import as_pil  # noqa: E402
+from m2ib.core.errors import InputError
+from m2ib.core.geometry import InputFrame
+from m2ib.core.images import as_pil
 
 #: Colour map of every attribution figure (the M2IB paper's figures use jet).
 CMAP = "jet"
