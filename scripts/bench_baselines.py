@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-import baselines
 from m2ib.core.attributor import available_methods, get_method
 from m2ib.core.errors import DataUnavailableError, ModelUnavailableError, UnsupportedError
 
@@ -79,7 +78,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     adapter, pixels, text, what = load(args.model, args.pairs, args.device)
-    methods = list(args.methods or baselines.NAMES)
+    methods = list(args.methods or [m for m in available_methods() if m != "m2ib"])
     has_m2ib = "m2ib" in available_methods()
     if args.methods is None and has_m2ib:
         methods.append("m2ib")
