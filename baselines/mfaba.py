@@ -13,8 +13,11 @@ and attribute with the first-order (Taylor) credit of each step:
 
     A = - sum_{t=0..T-1} (x_{t+1} - x_t) * grad s(x_t)            (elementwise)
 
-so sum(A) ~ s(x_0) - s(x_T) up to second-order terms (the paper's completeness argument for MFABA;
-tests/test_methods_nib.py checks it). One forward and backward per step for all pairs of a batch.
+so sum(A) ~ s(x_0) - s(x_T) up to second-order terms (tests/test_methods_nib.py checks it against an
+explicit loop). This is the release's MFABA core (saliency/core/mfaba.py: -sum (hats[t+1] - hats[t]) *
+grads[t]) with the score in place of the class output (ascending the cross-entropy = descending the
+score); the paper's text was not readable here, so no equation numbers are cited. One forward and
+backward per step for all pairs of a batch.
 
 Choices the paper leaves open, and ours
 ---------------------------------------
@@ -27,6 +30,10 @@ Choices the paper leaves open, and ours
   table), applied to the word tokens only (start/end of text and padding stay, as in our IG baseline).
   The release's MFABA-SHARP variant (L2-normalised steps) is not offered.
 - Reduction: summed over colour channels (image, signed) and over the embedding dimension (text).
+- Not reproduced from the NIB release's CLIP variant: it attributes the patch embeddings (not pixels;
+  the brief of this benchmark asks for pixels, as the MFABA paper does for images), moves the token-
+  embedding TABLE rows (so a repeated word moves once for all its positions, start/end of text too) and
+  differentiates CLIP's scaled logit (same signs, gradients x exp(t)).
 """
 from __future__ import annotations
 

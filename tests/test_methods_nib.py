@@ -78,6 +78,31 @@ def test_bad_hyperparameters_are_one_line(tiny_adapter):
         get_method("mfaba", tiny_adapter, image_step=-0.1)
 
 
+def test_release_layers_read_the_layer_as_the_input_of_that_block(tiny_adapter, batch):
+    pixels, text = batch
+    release = get_method("nib", tiny_adapter, image_layer=1, text_layer=1, release_layers=True)
+    ours = get_method("nib", tiny_adapter, image_layer=0, text_layer=0)
+    assert release.identity()["image_layer"] == 0 and release.identity()["text_layer"] == 0
+    a, b = release.attribute(pixels, text, [0, 1, 2]), ours.attribute(pixels, text, [0, 1, 2])
+    assert torch.equal(a.image, b.image) and torch.equal(a.text, b.text)
+
+
+def test_yaml_defaults_compose_and_construct(tiny_adapter):
+    """conf/method/{nib,mfaba,fastig}.yaml hold exactly each method's defaults and build it."""
+    from pathlib import Path
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from m2ib.pipeline.experiment import validate_config
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose("config", overrides=["model=tiny", f"method=[{','.join(METHODS)}]"]),
+                                     resolve=True)
+    validate_config(cfg)
+    for name in METHODS:
+        method = get_method(name, tiny_adapter, **cfg["method"][name])
+        assert set(cfg["method"][name]) == set(type(method).defaults)
+
+
 def test_explain_api_runs_nib(tiny_adapter, pairs):
     images, captions = pairs
     att = explain(tiny_adapter, images, captions, method="nib", steps=4)
