@@ -17,6 +17,10 @@ BASELINES = [name for name in available_methods() if name != "m2ib"]
 FAST = {"rise": {"n_masks": 64, "batch_size": 32}, "kernel_shap": {"n_samples": 40, "n_segments": 12},
         "integrated_gradients": {"n_steps": 8}}
 SEEDED = ("rise", "kernel_shap", "random")
+#: Batch-independence tolerance of the unseeded methods. NIB's patch values on this random model are
+#: ~1e-5, sums over channels of terms ~1e-3 that cancel, so the ~1e-7 float32 noise of a batch's other
+#: summation order reaches ~1e-3 of its min-max normalised map (measured 2.6e-4).
+BATCH_TOLERANCE = {"nib": {"rtol": 0.0, "atol": 1e-3}}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +41,8 @@ def results(tiny_adapter, batch):
 
 def test_all_registered():
     assert set(BASELINES) == {"saliency", "grad_x_input", "integrated_gradients", "gradcam", "rise", "occlusion",
-                              "kernel_shap", "raw_attention", "rollout", "chefer", "random", "grad_eclip", "legrad"}
+                              "kernel_shap", "raw_attention", "rollout", "chefer", "random", "grad_eclip", "legrad",
+                              "nib", "mfaba", "fastig"}
 
 
 @pytest.mark.parametrize("name", BASELINES)
@@ -83,7 +88,8 @@ def test_pair_does_not_depend_on_its_batch(name, results, alone):
         assert torch.equal(one.image[0], ref.image[0])
         assert torch.equal(one.text[0], ref.text[0])
     else:
-        torch.testing.assert_close(one.image[0], ref.image[0], rtol=1e-4, atol=1e-6)
+        tol = BATCH_TOLERANCE.get(name, {"rtol": 1e-4, "atol": 1e-6})
+        torch.testing.assert_close(one.image[0], ref.image[0], **tol)
         torch.testing.assert_close(one.text[0], ref.text[0], rtol=1e-4, atol=1e-6)
 
 
