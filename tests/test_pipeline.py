@@ -55,7 +55,7 @@ def test_launchers_compose(launcher, target):
 
 def test_method_configs_are_accepted_by_their_methods(tiny_adapter):
     cfg = OmegaConf.to_container(_compose(["experiment=table1", "model=tiny"]), resolve=True)
-    assert len(cfg["method"]) == 12
+    assert len(cfg["method"]) == 17
     for name, params in cfg["method"].items():
         assert get_method(name, tiny_adapter, **params).name == name
 
