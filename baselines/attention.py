@@ -1,10 +1,12 @@
 """Attention baselines, read through adapter.record_attention: last-layer raw attention, attention
 rollout (Abnar & Zuidema 2020) and gradient-weighted relevance (Chefer et al. 2021).
 
-The pooled token's row is read: the class token (position 0) for images, the end-of-text token
-(text.eot) for text. Image rows go to the pixel frame with adapter.hidden_to_image_map (which drops
-the class token's own column), text rows to token scores with adapter.hidden_to_text_scores.
-Families whose towers have no attention (e.g. ResNet image towers) raise UnsupportedError.
+The pooled token's row is read (adapter.pooled_position: the class token for images, the
+end-of-text token of CLIP, position 0 of BERT, the last position of SigLIP's text). Image rows go to
+the pixel frame with adapter.hidden_to_image_map (which drops the class token's own column), text
+rows to token scores with adapter.hidden_to_text_scores. Families whose towers have no attention
+(e.g. ResNet image towers) or pool every position instead of one token (SigLIP's attention-pool
+head, mean pooling) raise UnsupportedError.
 
 Note: raw attention and rollout of one tower do not depend on the other modality at all (the image
 map is the same for every caption); only Chefer's gradient weighting makes them pair-specific.
@@ -41,6 +43,14 @@ class _AttentionBaseline(Baseline):
         """(B, N, N) relevance matrix between positions."""
         raise NotImplementedError
 
+    def _pooled(self, modality, inputs):
+        index = self.adapter.pooled_position(modality, inputs)
+        if index is None:
+            raise UnsupportedError(
+                f"{self.name}: model {self.adapter.name} pools its {modality} tokens as a whole (attention-pool "
+                f"head or mean), not through one token whose attention row could be read; use another method")
+        return index
+
     def _rows(self, modality, run, pooled_index):
         ctx = torch.enable_grad() if self.needs_grad else torch.no_grad()
         with ctx:
@@ -52,14 +62,14 @@ class _AttentionBaseline(Baseline):
     def explain_image(self, pixels, text, seeds):
         score = image_score_fn(self.adapter, text_embedding(self.adapter, text))
         x = pixels.detach().clone().requires_grad_(self.needs_grad)
-        cls = torch.zeros(pixels.shape[0], dtype=torch.long, device=pixels.device)
-        return self.adapter.hidden_to_image_map(self._rows("image", lambda: score(x), cls))
+        pooled = self._pooled("image", pixels)
+        return self.adapter.hidden_to_image_map(self._rows("image", lambda: score(x), pooled))
 
     def explain_text(self, pixels, text, seeds):
         emb = self.adapter.embed_tokens(text)[:, : text_length(self.adapter, text)].detach()
         emb.requires_grad_(self.needs_grad)
         score = embedding_score_fn(self.adapter, text, image_embedding(self.adapter, pixels))
-        values = self._rows("text", lambda: score(emb), text.eot)
+        values = self._rows("text", lambda: score(emb), self._pooled("text", text))
         return self.adapter.hidden_to_text_scores(values, text)
 
 
