@@ -112,8 +112,47 @@ def test_last_valid_layer_follows_what_reaches_the_embedding(models, pixels):
             assert patches.all()
     # M2IB defaults and Grad-CAM follow the same rule
     assert sig.default_m2ib_settings()["image_layer"] == 2 and eva.default_m2ib_settings()["image_layer"] == 1
-    assert sig.gradcam_target("image")[0] is sig.trunk.blocks[2] and eva.gradcam_target("image")[0] is eva.trunk.blocks[1]
+    assert sig.gradcam_target("image")[0] is sig.trunk.blocks[2]
+    assert eva.gradcam_target("image")[0] is eva.trunk.blocks[1]
     assert sig.gradcam_target("text")[0] is sig.text.blocks[1]
+
+
+def test_open_clip_vit_with_mean_pooling_allows_its_last_block(tmp_path, pixels):
+    """The same rule in the open_clip ViT family: pool_type 'avg' reads every patch token."""
+    import json
+    import open_clip
+    from m2ib.models.sources import CONFIG_DIR, load_adapter
+    cfg = json.loads((CONFIG_DIR / "m2ib-tiny-vit.json").read_text())
+    cfg["vision_cfg"]["pool_type"] = "avg"
+    (tmp_path / "m2ib-tiny-vit-avg.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "m2ib-tiny-vit-avg.json")
+    a = load_adapter("m2ib-tiny-vit-avg", pretrained=None)
+    px = a.preprocess(pixels)
+    assert a.last_valid_layer("image") == 2 and a.pooled_position("image", px) is None
+    with torch.no_grad():
+        ref = a.model.encode_image(px, normalize=True)
+        for layer in range(3):
+            out = a.suffix("image", a.prefix("image", px, layer), px, layer)
+            torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+def test_timm_bert_with_mean_pooling_allows_last_blocks(tmp_path, pixels):
+    """The same rule in the timm + BERT family: mean-pooled image ('avg') and text (mean pooler) towers."""
+    import open_clip
+    from m2ib.models.sources import load_adapter
+    from tiny_models import write_tiny_hf_model
+    open_clip.add_model_config(write_tiny_hf_model(tmp_path, name="m2ib-tiny-bert-mean", timm_pool="avg",
+                                                   pooler="mean_pooler"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        a = load_adapter("m2ib-tiny-bert-mean", pretrained=None)
+    assert a.last_valid_layer("image") == 5 and a.last_valid_layer("text") == 2
+    px, text = a.preprocess(pixels), a.tokenize(["the left lung", "a small opacity"])
+    assert a.pooled_position("text", text) is None
+    ref_img, ref_txt = _reference(a, px, text)
+    with torch.no_grad():
+        torch.testing.assert_close(a.suffix("image", a.prefix("image", px, 5), px, 5), ref_img, atol=ATOL, rtol=0)
+        torch.testing.assert_close(a.suffix("text", a.prefix("text", text, 2), text, 2), ref_txt, atol=ATOL, rtol=0)
 
 
 def test_layer_refusals_name_the_model_and_the_valid_range(models, pixels):

@@ -98,9 +98,9 @@ def write_tiny_timm_tower_models(folder) -> dict[str, Path]:
             "embed_dim": 32, "init_logit_bias": -10, "custom_text": True,
             "vision_cfg": {"image_size": 64, "timm_model_name": "m2ib_tiny_siglip_vit", "timm_model_pretrained": False,
                            "timm_pool": "map", "timm_proj": "none"},
-            "text_cfg": {"context_length": 16, "vocab_size": 3 + len(TINY_SIGLIP_WORDS), "hf_tokenizer_name": str(tok_dir),
-                         "tokenizer_kwargs": {"clean": "canonicalize"}, **text, "no_causal_mask": True,
-                         "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6}}},
+            "text_cfg": {"context_length": 16, "vocab_size": 3 + len(TINY_SIGLIP_WORDS),
+                         "hf_tokenizer_name": str(tok_dir), "tokenizer_kwargs": {"clean": "canonicalize"}, **text,
+                         "no_causal_mask": True, "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6}}},
         "m2ib-tiny-eva02": {
             "embed_dim": 24, "custom_text": True,
             "vision_cfg": {"image_size": 64, "timm_model_name": "m2ib_tiny_eva02", "timm_model_pretrained": False,

@@ -274,8 +274,9 @@ class ModelAdapter(abc.ABC):
             why = ("after the last block only the pooled token reaches the embedding, so a bottleneck there "
                    "explains nothing" if last < n - 1 else "every block's output still reaches the embedding")
             raise InputError(
-                f"{modality} layer {layer} is out of range for {self.name} ({self.family}): the {modality} "
-                f"encoder has {n} blocks, so valid bottleneck layers are 0..{last} ({why}); pick one of those")
+                f"{modality} layer {layer} is out of range for {self.name} ({getattr(self, 'family', '?')}): "
+                f"the {modality} encoder has {n} blocks, so valid bottleneck layers are 0..{last} ({why}); "
+                f"pick one of those")
         return int(layer)
 
     def parameters(self):

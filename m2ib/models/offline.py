@@ -124,7 +124,8 @@ def tower_message(name: str, repos, reason: str) -> str:
 
 def tokenizer_message(name: str, repo: str, cache_dir: Optional[str], reason: str) -> str:
     return (f"model {name!r} needs the tokenizer of Hugging Face Hub repo {repo}, which is not cached here "
-            f"({reason}): on a connected machine run `python -c \"import open_clip; open_clip.get_tokenizer('{name}')\"` "
+            f"({reason}): on a connected machine run "
+            f"`python -c \"import open_clip; open_clip.get_tokenizer('{name}')\"` "
             f"and copy its Hugging Face cache (~/.cache/huggingface/hub) to {_hub_cache_dir(cache_dir)} here "
             f"(or set HF_HOME to a folder holding it); config key model.name={name}.")
 

@@ -240,11 +240,19 @@ class OpenClipViTAdapter(OpenClipTextTower, ModelAdapter):
         cfg = getattr(v, "preprocess_cfg", {}) or {}
         self.resize_mode = cfg.get("resize_mode", "shortest")
         self.num_layers = {"image": len(v.transformer.resblocks), "text": len(self.text.blocks)}
+        # Only the class token reaches the embedding after the last block (not so with an attention
+        # pool or mean pooling): the last block then evaluates just that query.
         self._trim_image = v.attn_pool is None and getattr(v, "pool_type", "tok") == "tok"
 
     # ---- split encoders ---------------------------------------------------------------------------
+    def last_valid_layer(self, modality: str) -> int:
+        return self.num_layers["image"] - 1 if modality == "image" and not self._trim_image \
+            else super().last_valid_layer(modality)
+
     def pooled_position(self, modality: str, inputs):
-        return super().pooled_position("image", inputs) if modality == "image" else self._text_pooled_position(inputs)
+        if modality == "text":
+            return self._text_pooled_position(inputs)
+        return super().pooled_position("image", inputs) if self._trim_image else None
 
     def prefix(self, modality: str, inputs, layer: int) -> torch.Tensor:
         layer = self.check_layer(modality, layer)
@@ -262,13 +270,11 @@ class OpenClipViTAdapter(OpenClipTextTower, ModelAdapter):
             return self._text_suffix(hidden, inputs, layer)
         rec = self._record["image"]
         x = hidden
-        *middle, last = list(self.visual.transformer.resblocks[layer + 1:])
-        for blk in middle:
-            x = run_block(blk, x, None, record=rec)
-        if self._trim_image and rec is None:
-            x = run_block(last, x, None, query_index=torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
-        else:
-            x = run_block(last, x, None, record=rec)
+        blocks = list(self.visual.transformer.resblocks[layer + 1:])
+        for i, blk in enumerate(blocks):
+            trim = self._trim_image and rec is None and i == len(blocks) - 1
+            query = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if trim else None
+            x = run_block(blk, x, None, query_index=query, record=rec)
         pooled, _ = self.visual._pool(x)
         if self.visual.proj is not None:
             pooled = pooled @ self.visual.proj
