@@ -175,6 +175,12 @@ def test_siglip_text_tower_bidirectional_last_position(models):
     assert text.tokens[0][:5] == ["a", "red", "circle", "</s>", ""]       # canonicalized, no start token
     assert text.eot.tolist() == [3, 9] and text.ids.shape == (2, 16)
     assert text.word_mask[0].tolist() == [True] * 3 + [False] * 13
+    # 15 words + '</s>' fill the 16 positions exactly; 16 words are cut (flagged, '</s>' kept last)
+    words = ["red circle dog cat lung"] * 3
+    with pytest.warns(UserWarning, match="caption 1 has 17 tokens"):
+        full = sig.tokenize([" ".join(words), " ".join(words + ["a"])])
+    assert full.truncated == [False, True] and full.eot.tolist() == [15, 15] and full.tokens[1][15] == "</s>"
+    assert full.word_mask.sum(1).tolist() == [15, 15]
     # the full context runs and every position is a bottleneck position; the last one is pooled
     assert sig.prefix("text", text, 0).shape == (2, 16, 32)
     assert sig.token_positions("text", text).all() and sig.token_positions("text", text).shape == (2, 16)

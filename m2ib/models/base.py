@@ -85,9 +85,10 @@ class ModelAdapter(abc.ABC):
             raise InputError("no images given")
         return torch.stack(out).to(self.device)
 
-    def _check_captions(self, captions: Sequence[str], encode: Callable[[str], list]) -> list[bool]:
+    def _check_captions(self, captions: Sequence[str], encode: Callable[[str], list], n_special: int = 2) -> list[bool]:
         """Reject empty captions (naming them) and flag, with a warning, those longer than the context;
-        encode(caption) gives its word-piece ids without start/end tokens. Returns the truncated flags."""
+        encode(caption) gives its word-piece ids without the n_special start/end tokens the tokenizer
+        adds (2 for CLIP and BERT, 1 for SigLIP's end token). Returns the truncated flags."""
         if not captions:
             raise InputError("no captions given")
         truncated = []
@@ -97,9 +98,9 @@ class ModelAdapter(abc.ABC):
             body = encode(c)
             if not body:
                 raise InputError(f"caption {i} has no tokens after cleaning: {c!r}")
-            cut = len(body) + 2 > self.context_length
+            cut = len(body) + n_special > self.context_length
             if cut:
-                warnings.warn(f"caption {i} has {len(body) + 2} tokens, more than the context length "
+                warnings.warn(f"caption {i} has {len(body) + n_special} tokens, more than the context length "
                               f"{self.context_length}; truncated: {c[:60]!r}...", stacklevel=3)
             truncated.append(cut)
         return truncated

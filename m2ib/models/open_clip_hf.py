@@ -223,8 +223,8 @@ def tokenize_hf(adapter, captions: Sequence[str], pad_id: int) -> TextBatch:
     captions = list(captions)
     tok = adapter.tokenizer
     hf_tok = tok.tokenizer
-    truncated = adapter._check_captions(
-        captions, lambda c: hf_tok(tok.clean_fn(c), add_special_tokens=False).input_ids)
+    truncated = adapter._check_captions(captions, lambda c: hf_tok(tok.clean_fn(c), add_special_tokens=False).input_ids,
+                                        hf_tok.num_special_tokens_to_add())
     ids = tok(captions, context_length=adapter.context_length)
     end_id = hf_tok.sep_token_id if hf_tok.sep_token_id is not None else hf_tok.eos_token_id
     last_real = (ids != pad_id).long().cumsum(1).argmax(1)          # index of the last non-padding token
