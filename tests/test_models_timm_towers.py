@@ -258,11 +258,21 @@ def test_every_registered_method_runs_or_refuses_in_one_line(models, pixels, nam
         assert refused == {}
 
 
-def test_unknown_name_and_uncached_siglip_tokenizer_refused(monkeypatch):
-    from m2ib.models.sources import load_adapter
+def test_unknown_unhandled_and_uncached_tokenizer_refused_in_one_line(monkeypatch, tmp_path):
+    import json
+    import open_clip
+    from m2ib.models.sources import CONFIG_DIR, load_adapter
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(InputError, match="unknown model.name 'EVA03-B-16'.*hf-hub:org/repo"):
         load_adapter("EVA03-B-16")
+    # a config no family handles: a text tower with CoCa's appended class token
+    cfg = json.loads((CONFIG_DIR / "m2ib-tiny-vit.json").read_text())
+    cfg["custom_text"], cfg["text_cfg"]["embed_cls"] = True, True
+    (tmp_path / "m2ib-tiny-cls-text.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "m2ib-tiny-cls-text.json")
+    with pytest.raises(UnsupportedError, match=r"^m2ib-tiny-cls-text: .*class token \(CoCa\).*use e\.g\.") as err:
+        load_adapter("m2ib-tiny-cls-text")
+    assert "\n" not in str(err.value)
     with pytest.raises(ModelUnavailableError) as err:     # before the model is built
         load_adapter("ViT-B-16-SigLIP", pretrained=None)
     msg = str(err.value)

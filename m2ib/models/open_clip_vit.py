@@ -33,11 +33,12 @@ def _text_tower(model, name: str) -> SimpleNamespace:
     else:
         raise UnsupportedError(f"{name}: this open_clip model's text tower is not an open_clip TextTransformer "
                                f"(hf-hub text towers need the open_clip_hf adapter)")
-    if getattr(t, "use_pad_mask", False):
-        raise UnsupportedError(f"{name}: bidirectional text towers with a padding mask are not supported")
-    if cls_emb is not None or pool not in _TEXT_POOLS:
-        raise UnsupportedError(f"{name}: text pooling {pool!r} / class-token text towers (CoCa) are not supported "
-                               f"(supported: {_TEXT_POOLS})")
+    if getattr(t, "use_pad_mask", False) or cls_emb is not None or pool not in _TEXT_POOLS:
+        what = ("a padding mask" if getattr(t, "use_pad_mask", False) else "an appended class token (CoCa)"
+                if cls_emb is not None else f"text pooling {pool!r}")
+        raise UnsupportedError(f"{name}: open_clip text towers with {what} are not supported (supported: causal or "
+                               f"bidirectional towers without padding mask pooling one of {_TEXT_POOLS}); use e.g. "
+                               f"ViT-B-16, ViT-B-16-SigLIP or EVA02-B-16")
     return SimpleNamespace(token_embedding=t.token_embedding, positional_embedding=t.positional_embedding,
                            blocks=t.transformer.resblocks, ln_final=t.ln_final, pool=pool,
                            eos_id=getattr(t, "eos_id", None), projection=t.text_projection, attn_mask=t.attn_mask)

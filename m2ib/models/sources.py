@@ -120,10 +120,11 @@ def _sha256(path: Optional[str]) -> Optional[str]:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
 
 
-def _hub_text_repos(model_cfg: dict) -> list[str]:
-    """Hub repos an HF text tower reads at build time (not local folders)."""
+def _hub_text_repos(model_cfg: dict, tower_only: bool = False) -> list[str]:
+    """Hub repos an HF text tower (and, unless tower_only, the tokenizer) reads at build time (not local folders)."""
     text = (model_cfg or {}).get("text_cfg", {})
-    return [r for r in {text.get("hf_model_name"), text.get("hf_tokenizer_name")} if r and not Path(r).exists()]
+    names = {text.get("hf_model_name")} if tower_only else {text.get("hf_model_name"), text.get("hf_tokenizer_name")}
+    return [r for r in names if r and not Path(r).exists()]
 
 
 def _hub_tokenizer_repo(model_cfg: dict) -> Optional[str]:
@@ -287,8 +288,10 @@ def build(source: ModelSource, device: str = "cpu", seed: int = 0, cache_dir: Op
             _refuse_unsupported_config(name, model_cfg)
             offline_reason = reason if is_offline else None
             tokenizer = None
-            if _hub_tokenizer_repo(model_cfg) and source.tag_cfg is None and not hub_schema:
-                # a Hub tokenizer next to random or local weights (SigLIP): fail before the slow model build
+            if _hub_tokenizer_repo(model_cfg) and not _hub_text_repos(model_cfg, tower_only=True) \
+                    and source.tag_cfg is None and not hub_schema:
+                # a Hub tokenizer next to random or local weights and an open_clip text tower (SigLIP): fail
+                # before the slow model build (a Hub text tower's own message names its config too)
                 tokenizer = _tokenizer(name, model_cfg, cache_dir, offline_reason)
             if hub_schema:
                 if source.checkpoint is not None:
