@@ -124,10 +124,17 @@ def _sha256(path: Optional[str]) -> Optional[str]:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
 
 
-def _hub_text_repos(model_cfg: dict) -> list[str]:
-    """Hub repos an HF text tower reads at build time (not local folders)."""
+def _hub_text_repos(model_cfg: dict, tower_only: bool = False) -> list[str]:
+    """Hub repos an HF text tower (and, unless tower_only, the tokenizer) reads at build time (not local folders)."""
     text = (model_cfg or {}).get("text_cfg", {})
-    return [r for r in {text.get("hf_model_name"), text.get("hf_tokenizer_name")} if r and not Path(r).exists()]
+    names = {text.get("hf_model_name")} if tower_only else {text.get("hf_model_name"), text.get("hf_tokenizer_name")}
+    return [r for r in names if r and not Path(r).exists()]
+
+
+def _hub_tokenizer_repo(model_cfg: dict) -> Optional[str]:
+    """The Hub repo an open_clip text tower's tokenizer comes from (e.g. SigLIP's), if not a local folder."""
+    repo = (model_cfg or {}).get("text_cfg", {}).get("hf_tokenizer_name")
+    return repo if repo and not Path(repo).exists() else None
 
 
 def _read_config(name: str) -> Optional[dict]:
@@ -239,6 +246,7 @@ def pick_adapter_class(model, name: str):
     """The adapter family for a built open_clip model, or UnsupportedError naming what is missing."""
     from open_clip.transformer import TextTransformer, VisionTransformer
     from m2ib.models.open_clip_hf import OpenClipHFAdapter
+    from m2ib.models.open_clip_timm import OpenClipTimmAdapter
     from m2ib.models.open_clip_vit import OpenClipViTAdapter
     visual = getattr(model, "visual", None)
     text = getattr(model, "text", None)
@@ -253,13 +261,16 @@ def pick_adapter_class(model, name: str):
         and hasattr(visual.trunk, "blocks")
     if is_timm_vit and text_kind == "HFTextEncoder":
         return OpenClipHFAdapter
+    if is_timm_vit and text_kind == "TextTransformer":
+        return OpenClipTimmAdapter
     if vision_kind == "ModifiedResNet" or (vision_kind == "TimmModel" and not is_timm_vit):
         trunk = type(getattr(visual, "trunk", visual)).__name__
         raise UnsupportedError(_RESNET_MESSAGE.format(name=name, tower=trunk))
     raise UnsupportedError(
         f"{name}: no adapter for image tower {vision_kind} + text tower {text_kind}. Supported: open_clip "
-        f"VisionTransformer + open_clip TextTransformer (OpenClipViTAdapter), and timm VisionTransformer "
-        f"(TimmModel) + HF BERT (HFTextEncoder) (OpenClipHFAdapter).")
+        f"VisionTransformer + open_clip TextTransformer (OpenClipViTAdapter), timm ViT/EVA (TimmModel) + HF "
+        f"BERT (HFTextEncoder) (OpenClipHFAdapter), timm ViT/EVA + open_clip TextTransformer "
+        f"(OpenClipTimmAdapter); use a model of one of those shapes.")
 
 
 # ---- building ----------------------------------------------------------------------------------------------
@@ -303,6 +314,13 @@ def build(source: ModelSource, device: str = "cpu", seed: int = 0, cache_dir: Op
                 except Exception as exc:
                     raise ModelUnavailableError(offline.hub_message(name, cache_dir, reason if is_offline else str(exc))) from exc
             _refuse_unsupported_config(name, model_cfg)
+            offline_reason = reason if is_offline else None
+            tokenizer = None
+            if _hub_tokenizer_repo(model_cfg) and not _hub_text_repos(model_cfg, tower_only=True) \
+                    and source.tag_cfg is None and not hub_schema:
+                # a Hub tokenizer next to random or local weights and an open_clip text tower (SigLIP): fail
+                # before the slow model build (a Hub text tower's own message names its config too)
+                tokenizer = _tokenizer(name, model_cfg, cache_dir, offline_reason)
             if hub_schema:
                 if source.checkpoint is not None:
                     kwargs.update(load_weights=False, pretrained_text=False, pretrained_image=False)
@@ -314,7 +332,8 @@ def build(source: ModelSource, device: str = "cpu", seed: int = 0, cache_dir: Op
                     name, pretrained=pretrained_arg, device="cpu", cache_dir=cache_dir, **kwargs)
             if hub_schema and source.checkpoint is not None:
                 open_clip.load_checkpoint(model, source.checkpoint)
-            tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
+            if tokenizer is None:
+                tokenizer = _tokenizer(name, model_cfg, cache_dir, offline_reason)
     except (ModelUnavailableError, UnsupportedError, InputError):
         raise
     except Exception as exc:   # download/cache/checkpoint failures of open_clip, huggingface_hub, transformers
@@ -324,7 +343,8 @@ def build(source: ModelSource, device: str = "cpu", seed: int = 0, cache_dir: Op
                 f"could not load checkpoint file {source.checkpoint} into model {name!r}: {type(exc).__name__}: {exc}\n"
                 f"Check that model.pretrained points at weights for this architecture (model.name).") from exc
         if source.tag_cfg is not None:
-            raise ModelUnavailableError(offline.tag_message(name, source.pretrained, source.tag_cfg, cache_dir, why)) from exc
+            raise ModelUnavailableError(offline.tag_message(name, source.pretrained, source.tag_cfg, cache_dir, why,
+                                                            _hub_tokenizer_repo(model_cfg))) from exc
         if source.kind == "hf-hub":
             raise ModelUnavailableError(offline.hub_message(name, cache_dir, why, _hub_text_repos(model_cfg))) from exc
         if source.needs_hub:
@@ -338,6 +358,19 @@ def _describe(adapter, source: ModelSource):
     adapter.m2ib_defaults = dict(source.m2ib_defaults)
     adapter.source = source
     return adapter
+
+
+def _tokenizer(name: str, model_cfg: Optional[dict], cache_dir: Optional[str], offline_reason: Optional[str]):
+    """open_clip's tokenizer for `name`; a Hub tokenizer that cannot be had says what to download."""
+    import open_clip
+    try:
+        return open_clip.get_tokenizer(name, cache_dir=cache_dir)
+    except Exception as exc:
+        repo = _hub_tokenizer_repo(model_cfg)
+        if repo is None:
+            raise
+        why = offline_reason or f"{type(exc).__name__}: {exc}"
+        raise ModelUnavailableError(offline.tokenizer_message(name, repo, cache_dir, why)) from exc
 
 
 def load_adapter(name: str = "m2ib-tiny-vit", pretrained: Optional[str] = None, device: str = "cpu",
