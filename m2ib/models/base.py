@@ -158,9 +158,14 @@ class ModelAdapter(abc.ABC):
     def hidden_to_image_map(self, values: torch.Tensor) -> torch.Tensor:
         """(B, N) per-token values of the image hidden state -> (B, H, W) map in the preprocessed
         frame (class/prefix tokens dropped, grid bilinearly upsampled)."""
-        gh, gw = self.grid_size
+        gh, gw = self.token_grid(values.shape[1] - self.num_prefix)
         grid = values[:, self.num_prefix:].reshape(values.shape[0], 1, gh, gw).float()
         return F.interpolate(grid, size=self.image_size, mode="bilinear", align_corners=False)[:, 0]
+
+    def token_grid(self, n_tokens: int) -> tuple[int, int]:
+        """(rows, cols) of an image hidden state with n_tokens positions after the prefix tokens: the
+        patch grid; families whose grid depends on the layer (ResNet stages) override this."""
+        return self.grid_size
 
     def hidden_to_text_scores(self, values: torch.Tensor, text: TextBatch) -> torch.Tensor:
         """(B, T') per-position values of the text hidden state -> (B, T) scores on the TextBatch

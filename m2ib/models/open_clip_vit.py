@@ -2,6 +2,8 @@
 
 Covers open_clip's CLIP (text modules inline) and CustomTextCLIP with a TextTransformer, for any
 ViT config: ViT-B-32, ViT-B-16, ViT-L-14 and the small configs this project registers.
+OpenClipTextAdapter is the open_clip text-tower half that every open_clip adapter with that text
+tower shares (this ViT one and the ResNet one in open_clip_resnet.py).
 """
 from __future__ import annotations
 
@@ -40,24 +42,16 @@ def _text_tower(model) -> SimpleNamespace:
                            projection=t.text_projection, attn_mask=t.attn_mask)
 
 
-class OpenClipViTAdapter(ModelAdapter):
-    family = "open_clip_vit"
+class OpenClipTextAdapter(ModelAdapter):
+    """The text half of an open_clip model whose text tower is open_clip's TextTransformer: tokenizer
+    and token strings, the text prefix/suffix, token embeddings and text randomisation groups.
+    Subclasses add an image tower and dispatch prefix/suffix/randomization_order by modality."""
 
-    def __init__(self, model, preprocess, tokenizer, name: str, device="cpu"):
-        self._wrap(model, preprocess, tokenizer, name, device)
-        v = self.model.visual
-        if not hasattr(v, "transformer") or not hasattr(v, "_embeds"):
-            raise UnsupportedError(f"{name}: image tower {type(v).__name__} is not an open_clip VisionTransformer")
-        self.visual = v
+    def _init_text(self, tokenizer) -> None:
+        """Set the text attributes (call after _wrap)."""
         self.text = _text_tower(self.model)
-        self.image_size = tuple(v.image_size)
-        self.grid_size = tuple(v.grid_size)
-        cfg = getattr(v, "preprocess_cfg", {}) or {}
-        self.resize_mode = cfg.get("resize_mode", "shortest")
-        self.num_layers = {"image": len(v.transformer.resblocks), "text": len(self.text.blocks)}
         self.context_length = int(self.text.positional_embedding.shape[0])
         self.text_causal = self.text.attn_mask is not None
-        self._trim_image = v.attn_pool is None and getattr(v, "pool_type", "tok") == "tok"
         enc = getattr(tokenizer, "encoder", {})
         self.blank_token_id = int(enc.get("!</w>", 0)) if enc else 0
         self._decoder = getattr(tokenizer, "decoder", None)
@@ -138,40 +132,20 @@ class OpenClipViTAdapter(ModelAdapter):
             pooled = proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj
         return F.normalize(pooled, dim=-1)
 
-    # ---- split encoders ---------------------------------------------------------------------------
-    def prefix(self, modality: str, inputs, layer: int) -> torch.Tensor:
-        layer = self.check_layer(modality, layer)
-        if modality == "image":
-            x = self.visual._embeds(inputs)
-            blocks, mask = self.visual.transformer.resblocks, None
-        else:
-            L = self._text_len(inputs)
-            x = self.text.token_embedding(inputs.ids[:, :L]) + self.text.positional_embedding[:L]
-            blocks, mask = self.text.blocks, self._text_mask(L)
-        rec = self._record[modality]
-        for blk in blocks[: layer + 1]:
+    # ---- split text encoder -------------------------------------------------------------------
+    def _text_prefix(self, text: TextBatch, layer: int) -> torch.Tensor:
+        L = self._text_len(text)
+        x = self.text.token_embedding(text.ids[:, :L]) + self.text.positional_embedding[:L]
+        mask, rec = self._text_mask(L), self._record["text"]
+        for blk in self.text.blocks[: layer + 1]:
             x = run_block(blk, x, mask, record=rec)
         return x
 
-    def suffix(self, modality: str, hidden: torch.Tensor, inputs, layer: int) -> torch.Tensor:
-        layer = self.check_layer(modality, layer) if layer is not None else -1
-        rec = self._record[modality]
+    def _text_suffix(self, hidden: torch.Tensor, text: TextBatch, layer: int) -> torch.Tensor:
+        rec = self._record["text"]
         x = hidden
-        if modality == "image":
-            blocks = self.visual.transformer.resblocks
-            *middle, last = list(blocks[layer + 1:])
-            for blk in middle:
-                x = run_block(blk, x, None, record=rec)
-            if self._trim_image and rec is None:
-                x = run_block(last, x, None, query_index=torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
-            else:
-                x = run_block(last, x, None, record=rec)
-            pooled, _ = self.visual._pool(x)
-            if self.visual.proj is not None:
-                pooled = pooled @ self.visual.proj
-            return F.normalize(pooled, dim=-1)
-        copies = hidden.shape[0] // len(inputs)
-        eot = inputs.eot.repeat_interleave(copies)
+        copies = hidden.shape[0] // len(text)
+        eot = text.eot.repeat_interleave(copies)
         mask = self._text_mask(hidden.shape[1])
         *middle, last = list(self.text.blocks[layer + 1:])
         for blk in middle:
@@ -198,22 +172,72 @@ class OpenClipViTAdapter(ModelAdapter):
             x = run_block(blk, x, mask, record=rec)
         return self._text_project(x[torch.arange(x.shape[0], device=x.device), text.eot])
 
-    # ---- hooks -----------------------------------------------------------------------------------------
-    def _blocks(self, modality: str):
-        return self.visual.transformer.resblocks if modality == "image" else self.text.blocks
-
-    def randomization_order(self, modality: str):
-        if modality == "image":
-            v = self.visual
-            head = [p for p in [v.proj] if p is not None] + list(v.ln_post.parameters())
-            groups = [("image.projection", head)]
-            blocks = v.transformer.resblocks
-            groups += [(f"image.block{i}", list(blocks[i].parameters())) for i in reversed(range(len(blocks)))]
-            stem = [v.class_embedding, v.positional_embedding, *v.conv1.parameters(), *v.ln_pre.parameters()]
-            return groups + [("image.embeddings", stem)]
+    def _text_randomization_order(self):
         t = self.text
         proj = t.projection
         head = list(proj.parameters()) if isinstance(proj, torch.nn.Module) else ([proj] if proj is not None else [])
         groups = [("text.projection", head + list(t.ln_final.parameters()))]
         groups += [(f"text.block{i}", list(t.blocks[i].parameters())) for i in reversed(range(len(t.blocks)))]
         return groups + [("text.embeddings", [t.token_embedding.weight, t.positional_embedding])]
+
+
+class OpenClipViTAdapter(OpenClipTextAdapter):
+    family = "open_clip_vit"
+
+    def __init__(self, model, preprocess, tokenizer, name: str, device="cpu"):
+        self._wrap(model, preprocess, tokenizer, name, device)
+        v = self.model.visual
+        if not hasattr(v, "transformer") or not hasattr(v, "_embeds"):
+            raise UnsupportedError(f"{name}: image tower {type(v).__name__} is not an open_clip VisionTransformer")
+        self.visual = v
+        self._init_text(tokenizer)
+        self.image_size = tuple(v.image_size)
+        self.grid_size = tuple(v.grid_size)
+        cfg = getattr(v, "preprocess_cfg", {}) or {}
+        self.resize_mode = cfg.get("resize_mode", "shortest")
+        self.num_layers = {"image": len(v.transformer.resblocks), "text": len(self.text.blocks)}
+        self._trim_image = v.attn_pool is None and getattr(v, "pool_type", "tok") == "tok"
+
+    # ---- split encoders ---------------------------------------------------------------------------
+    def prefix(self, modality: str, inputs, layer: int) -> torch.Tensor:
+        layer = self.check_layer(modality, layer)
+        if modality == "text":
+            return self._text_prefix(inputs, layer)
+        x = self.visual._embeds(inputs)
+        rec = self._record["image"]
+        for blk in self.visual.transformer.resblocks[: layer + 1]:
+            x = run_block(blk, x, None, record=rec)
+        return x
+
+    def suffix(self, modality: str, hidden: torch.Tensor, inputs, layer: int) -> torch.Tensor:
+        layer = self.check_layer(modality, layer) if layer is not None else -1
+        if modality == "text":
+            return self._text_suffix(hidden, inputs, layer)
+        rec = self._record["image"]
+        x = hidden
+        *middle, last = list(self.visual.transformer.resblocks[layer + 1:])
+        for blk in middle:
+            x = run_block(blk, x, None, record=rec)
+        if self._trim_image and rec is None:
+            x = run_block(last, x, None, query_index=torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
+        else:
+            x = run_block(last, x, None, record=rec)
+        pooled, _ = self.visual._pool(x)
+        if self.visual.proj is not None:
+            pooled = pooled @ self.visual.proj
+        return F.normalize(pooled, dim=-1)
+
+    # ---- hooks -----------------------------------------------------------------------------------------
+    def _blocks(self, modality: str):
+        return self.visual.transformer.resblocks if modality == "image" else self.text.blocks
+
+    def randomization_order(self, modality: str):
+        if modality == "text":
+            return self._text_randomization_order()
+        v = self.visual
+        head = [p for p in [v.proj] if p is not None] + list(v.ln_post.parameters())
+        groups = [("image.projection", head)]
+        blocks = v.transformer.resblocks
+        groups += [(f"image.block{i}", list(blocks[i].parameters())) for i in reversed(range(len(blocks)))]
+        stem = [v.class_embedding, v.positional_embedding, *v.conv1.parameters(), *v.ln_pre.parameters()]
+        return groups + [("image.embeddings", stem)]
