@@ -111,7 +111,8 @@ def test_explain_equals_a_scripts_run_py_run(tmp_path):
 
 MODEL_CONFIGS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
 #: Model configs whose weights are downloads (refused offline with the download message).
-NEED_DOWNLOAD = {"biomedclip", "local_checkpoint", "vit_b16_openai", "vit_b32_openai", "vit_l14_openai"}
+NEED_DOWNLOAD = {"biomedclip", "local_checkpoint", "rn50_openai", "vit_b16_openai", "vit_b32_openai",
+                 "vit_l14_openai"}
 
 
 @pytest.mark.parametrize("config", MODEL_CONFIGS)

@@ -3,9 +3,12 @@ text transformer (the text half is OpenClipTextAdapter, shared with the ViT adap
 
 Image layers are the four residual stages, not the stem: layer l (0-based) is the feature map after
 open_clip's `layer{l+1}`, i.e. after conv2_x .. conv5_x in the ResNet paper's naming, at strides
-4, 8, 16, 32. The stem (three convolutions + average pool) always runs in the prefix: its output is
-low-level colour/edge filtering at stride 4, and IBA (Schulz et al., ICLR 2020) places its bottleneck
-on stage outputs of ResNet-50 (after conv4_x for its per-sample results), which layer 2 here is.
+4, 8, 16, 32. The stem (three convolutions + average pool) always runs in the prefix: it is no
+residual stage, and IBA (Schulz et al., ICLR 2020) bottlenecks stage outputs of ResNet-50.
+No M2IB setting is published for a ResNet CLIP; the default image layer is IBA's: its release's
+ResNet-50 notebook (BioroboticsLab/IBA, notebooks/pytorch_IBA.ipynb) wraps torchvision's `model.layer2`,
+the conv3_x output that feeds conv4_1, which is layer 1 here (28 x 28 at 224 px). Text layer and
+betas follow the project's rule (ModelAdapter.default_m2ib_settings).
 
 Tokens are the spatial positions of the stage's feature map, row-major: prefix returns (B, H*W, C)
 with no prefix tokens (num_prefix = 0). The grid depends on the layer (stage_grids[l]); image maps
@@ -25,6 +28,10 @@ import torch.nn.functional as F
 
 from m2ib.core.errors import InputError, UnsupportedError
 from m2ib.models.open_clip_vit import OpenClipTextAdapter
+
+
+#: The image layer M2IB uses when the model has no published setting: IBA's ResNet-50 position (above).
+IBA_IMAGE_LAYER = 1
 
 
 class OpenClipResNetAdapter(OpenClipTextAdapter):
@@ -48,6 +55,11 @@ class OpenClipResNetAdapter(OpenClipTextAdapter):
         self.num_layers = {"image": len(self.stages), "text": len(self.text.blocks)}
 
     # ---- layers -----------------------------------------------------------------------------------
+    def default_m2ib_settings(self) -> dict:
+        out = super().default_m2ib_settings()
+        out["image_layer"] = self.m2ib_defaults.get("image_layer", IBA_IMAGE_LAYER)
+        return out
+
     def check_layer(self, modality: str, layer: int) -> int:
         """As ModelAdapter.check_layer, except that the last image stage is valid too: the attention
         pool reads every one of its positions."""

@@ -351,27 +351,31 @@ def build(source: ModelSource, device: str = "cpu", seed: int = 0, cache_dir: Op
 def _load_checkpoint(model, name: str, path: str) -> None:
     """Load a local weights file into `model` (open_clip's conversions included), or fail with ONE line
     naming the first missing, unexpected and mis-shaped keys and the fix."""
-    import re
-
     import open_clip
     try:
-        bad = open_clip.load_checkpoint(model, path, strict=False)
-        missing, unexpected = list(getattr(bad, "missing_keys", [])), list(getattr(bad, "unexpected_keys", []))
-        shapes = []
-    except RuntimeError as exc:        # shape mismatches raise even with strict=False
-        shapes = re.findall(r"size mismatch for ([^:\s]+):", str(exc))
-        if not shapes:
+        open_clip.load_checkpoint(model, path, strict=True)
+    except RuntimeError as exc:
+        mismatch = _key_mismatch(str(exc))
+        if mismatch is None:
             raise
-        missing = unexpected = []
-    if not (missing or unexpected or shapes):
-        return
-    parts = [f"{len(keys)} {what} (first: {', '.join(keys[:3])})"
-             for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                ("keys of another shape", shapes)) if keys]
-    raise ModelUnavailableError(
-        f"checkpoint file {path} does not fit model {name!r}: {'; '.join(parts)}. Fix: set model.name to the "
-        f"architecture the checkpoint was trained with (an open_clip config name or the path of its JSON "
-        f"config), or model.pretrained to weights of {name!r}")
+        raise ModelUnavailableError(
+            f"checkpoint file {path} does not fit model {name!r}: {mismatch}. Fix: set model.name to the "
+            f"architecture the checkpoint was trained with (an open_clip config name or the path of its JSON "
+            f"config), or model.pretrained to weights of {name!r}") from exc
+
+
+def _key_mismatch(report: str) -> Optional[str]:
+    """'N missing keys (first: ...); ...' from torch's strict load_state_dict error, None if it is another error."""
+    import re
+
+    def quoted(label):
+        found = re.search(re.escape(label) + r' ((?:"[^"]*"(?:, )?)+)', report)
+        return re.findall(r'"([^"]*)"', found.group(1)) if found else []
+    groups = (("missing keys", quoted("Missing key(s) in state_dict:")),
+              ("unexpected keys", quoted("Unexpected key(s) in state_dict:")),
+              ("keys of another shape", re.findall(r"size mismatch for ([^:\s]+):", report)))
+    parts = [f"{len(keys)} {what} (first: {', '.join(keys[:3])})" for what, keys in groups if keys]
+    return "; ".join(parts) or None
 
 
 def load_adapter(name: str = "m2ib-tiny-vit", pretrained: Optional[str] = None, device: str = "cpu",
