@@ -151,3 +151,16 @@ def test_m2ib_defaults_and_last_stage_bottleneck(rn, inputs):
     att = get_method("m2ib", rn, image_layer=3, steps=2, copies=2, modalities=["image"],
                      progress=False).attribute(pixels[:1], text.select([0]), [0])
     assert att.image.shape == (1, 64, 64) and torch.isfinite(att.image).all() and att.image.std() > 0
+
+
+def test_copy_is_independent_and_consistent(rn, inputs):
+    """copy() (sanity checks, ROAR+) gives stages that belong to the copied model, not to this one."""
+    pixels, _ = inputs
+    other = rn.copy()
+    assert other.stages[0] is other.visual.layer1 and other.stages[0] is not rn.visual.layer1
+    with torch.no_grad():
+        for p in other.randomization_order("image")[1][1]:       # layer4
+            p.add_(1.0)
+        assert not torch.allclose(other.encode_image(pixels), rn.encode_image(pixels))
+        torch.testing.assert_close(rn.encode_image(pixels), rn.model.encode_image(pixels, normalize=True),
+                                   atol=ATOL, rtol=0)

@@ -239,7 +239,7 @@ def _unknown_name_message(name: str, known: list[str]) -> str:
             f"path of its open_clip JSON config (/path/my-clip.json) and model.pretrained to its checkpoint")
 
 
-_RESNET_MESSAGE = (
+_TIMM_CONVNET_MESSAGE = (
     "{name}: the image tower is a timm convolutional network ({tower}), not a ViT. The adapters here need "
     "patch tokens and transformer blocks (timm ViT), or open_clip's own ModifiedResNet (RN50, RN101, ...). "
     "Use a ViT model (e.g. ViT-B-32) or an open_clip RN* model.")
@@ -268,7 +268,7 @@ def pick_adapter_class(model, name: str):
         return OpenClipResNetAdapter
     if vision_kind == "TimmModel" and not is_timm_vit:
         trunk = type(getattr(visual, "trunk", visual)).__name__
-        raise UnsupportedError(_RESNET_MESSAGE.format(name=name, tower=trunk))
+        raise UnsupportedError(_TIMM_CONVNET_MESSAGE.format(name=name, tower=trunk))
     raise UnsupportedError(
         f"{name}: no adapter for image tower {vision_kind} + text tower {text_kind}. Supported: open_clip "
         f"VisionTransformer + open_clip TextTransformer (OpenClipViTAdapter), open_clip ModifiedResNet + open_clip "
