@@ -38,8 +38,10 @@ def record_similarity(method: Baseline, modality: str, pixels, text, grad: bool,
             with (adapter.record_attention(modality, parts=True) if parts
                   else adapter.record_attention(modality)) as rec:
                 score = run(x)
-        except UnsupportedError:
-            raise
+        except UnsupportedError as exc:    # the adapter's reason, named for the refusing method
+            if str(exc).startswith(f"{method.name}:"):
+                raise
+            raise UnsupportedError(f"{method.name}: {exc}") from exc
         except NotImplementedError as exc:
             raise UnsupportedError(f"{method.name}: model {adapter.name} cannot record {modality} "
                                    f"attention: {exc}") from exc

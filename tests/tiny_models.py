@@ -1,4 +1,6 @@
-"""Tiny offline models for the tests: a BiomedCLIP-shaped open_clip config (timm ViT + HF BERT)."""
+"""Tiny offline models for the tests, one per adapter family (TINY_FAMILIES at the end): open_clip ViT,
+BiomedCLIP-shaped timm ViT + HF BERT, open_clip ModifiedResNet, transformers CLIP, and SigLIP- / EVA02-shaped
+timm image towers with an open_clip text tower."""
 import json
 from pathlib import Path
 
@@ -147,3 +149,82 @@ def write_tiny_timm_tower_models(folder) -> dict[str, Path]:
         paths[name] = folder / f"{name}.json"
         paths[name].write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     return paths
+
+
+# ---- tiny random adapters, one per family (the method x family matrix, tests/test_method_matrix.py) ------
+def tiny_open_clip_vit(folder):
+    from m2ib.models.sources import load_adapter
+    return load_adapter("m2ib-tiny-vit", pretrained=None, seed=0)
+
+
+def tiny_timm_bert(folder):
+    import open_clip
+    from m2ib.models.offline import hub_offline_mode
+    from m2ib.models.sources import load_adapter
+    open_clip.add_model_config(write_tiny_hf_model(folder, name="m2ib-tiny-family-timm-bert"))
+    with hub_offline_mode(True):
+        return load_adapter("m2ib-tiny-family-timm-bert", pretrained=None, seed=0)
+
+
+def activate_resnet_branches(adapter, seed: int = 0) -> None:
+    """open_clip initialises every ResNet bottleneck's last BatchNorm weight to zero, so in a random
+    ModifiedResNet each residual branch outputs 0 and only the shortcuts act; redraw all BatchNorm
+    weights, biases and running statistics (seeded) so that every convolution shapes the output."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in adapter.model.visual.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+
+
+def tiny_open_clip_resnet(folder):
+    """m2ib/model_configs/m2ib-tiny-resnet.json: ModifiedResNet layers [1, 1, 1, 1], width 16, 64 px.
+    Seed 1: the matrix's pairs get a positive similarity (seed 0 gives both a negative one, and Grad-CAM's
+    ReLU then zeroes the whole map, which is correct but tests nothing)."""
+    from m2ib.models.sources import load_adapter
+    adapter = load_adapter("m2ib-tiny-resnet", pretrained=None, seed=1)
+    activate_resnet_branches(adapter, seed=1)
+    return adapter
+
+
+def tiny_hf_clip(folder):
+    from m2ib.models.offline import hub_offline_mode
+    from m2ib.models.sources import load_adapter
+    with hub_offline_mode(True):
+        return load_adapter(f"hf:{write_tiny_hf_clip(Path(folder) / 'clip')}")
+
+
+def _tiny_timm_tower(folder, name: str):
+    import open_clip
+    from m2ib.models.offline import hub_offline_mode
+    from m2ib.models.sources import load_adapter
+    open_clip.add_model_config(write_tiny_timm_tower_models(folder)[name])
+    with hub_offline_mode(True):
+        return load_adapter(name, pretrained=None, seed=0)
+
+
+def tiny_siglip(folder):
+    """SigLIP-shaped: no class token, attention-pool head; bidirectional text pooling the last position."""
+    return _tiny_timm_tower(folder, "m2ib-tiny-siglip")
+
+
+def tiny_eva02(folder):
+    """EVA02-shaped: timm Eva (class token, RoPE) + causal CLIP text tower."""
+    return _tiny_timm_tower(folder, "m2ib-tiny-eva02")
+
+
+#: '<adapter family>' or '<adapter family>-<shape>' -> builder(tmp folder) of a tiny random adapter of it.
+#: Adding a family = one line here.
+TINY_FAMILIES = {
+    "open_clip_vit": tiny_open_clip_vit,
+    "open_clip_hf": tiny_timm_bert,
+    "open_clip_resnet": tiny_open_clip_resnet,
+    "hf_clip": tiny_hf_clip,
+    "open_clip_timm-siglip": tiny_siglip,
+    "open_clip_timm-eva02": tiny_eva02,
+}

@@ -159,9 +159,12 @@ class ModelAdapter(abc.ABC):
         """token_positions for text."""
 
     def pooled_position(self, modality: str, inputs) -> Optional[torch.Tensor]:
-        """(B,) index of the one position of the hidden state whose output becomes the embedding (the
-        class token of an image, the end-of-text token of a caption), or None where the tower pools
-        every position (attention-pool head, mean). Adapters with other pooling override it."""
+        """(B,) long: the one position of the hidden state whose last-block output alone becomes the
+        embedding (the class token of an image, the end-of-text token of a causal CLIP caption; adapters
+        with other pooling override it: [CLS] for BERT, the last position for SigLIP's text), or None
+        where the tower pools several positions (attention-pool head, mean, a ResNet's attention pool).
+        The one hook for "which token is pooled": attention baselines read its attention row,
+        Grad-ECLIP its query; both refuse a None (baselines.base.require_pooled_position)."""
         if modality == "image":
             return torch.zeros(inputs.shape[0], dtype=torch.long, device=inputs.device)
         return inputs.eot
@@ -176,9 +179,14 @@ class ModelAdapter(abc.ABC):
     def hidden_to_image_map(self, values: torch.Tensor) -> torch.Tensor:
         """(B, N) per-token values of the image hidden state -> (B, H, W) map in the preprocessed
         frame (class/prefix tokens dropped, grid bilinearly upsampled)."""
-        gh, gw = self.grid_size
+        gh, gw = self.token_grid(values.shape[1] - self.num_prefix)
         grid = values[:, self.num_prefix:].reshape(values.shape[0], 1, gh, gw).float()
         return F.interpolate(grid, size=self.image_size, mode="bilinear", align_corners=False)[:, 0]
+
+    def token_grid(self, n_tokens: int) -> tuple[int, int]:
+        """(rows, cols) of an image hidden state with n_tokens positions after the prefix tokens: the
+        patch grid; families whose grid depends on the layer (ResNet stages) override this."""
+        return self.grid_size
 
     def hidden_to_text_scores(self, values: torch.Tensor, text: TextBatch) -> torch.Tensor:
         """(B, T') per-position values of the text hidden state -> (B, T) scores on the TextBatch
