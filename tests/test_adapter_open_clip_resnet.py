@@ -61,7 +61,9 @@ def test_last_stage_is_a_valid_layer_and_reaches_embedding_everywhere(rn, inputs
     of them), so the layer is valid and each position gets a non-zero gradient; text keeps the rule."""
     pixels, text = inputs
     last = rn.num_layers["image"] - 1
-    assert rn.check_layer("image", last) == last
+    assert rn.check_layer("image", last) == last == rn.last_valid_layer("image")
+    assert rn.pooled_position("image", pixels) is None          # the attention pool reads every position
+    assert rn.pooled_position("text", text).tolist() == text.eot.tolist()
     hidden = rn.prefix("image", pixels, last).requires_grad_(True)
     (grad,) = torch.autograd.grad(rn.suffix("image", hidden, pixels, last).sum(), hidden)
     assert (grad.abs().sum(-1) > 0).all()
@@ -111,13 +113,18 @@ def test_gradcam_target_is_the_last_bottleneck(rn, inputs):
 
 
 def test_attention_recording_refused_for_images_only(rn, inputs):
-    with pytest.raises(UnsupportedError, match="ModifiedResNet") as err:
-        rn.record_attention("image")
-    assert rn.name in str(err.value) and "\n" not in str(err.value)
-    _, text = inputs
-    with rn.record_attention("text") as att:
-        rn.encode_text(text)
-    assert len(att) == rn.num_layers["text"]
+    pixels, text = inputs
+    for parts in (False, True):
+        with pytest.raises(UnsupportedError, match="ModifiedResNet") as err:
+            rn.record_attention("image", parts=parts)
+        assert rn.name in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UnsupportedError, match=rn.name):
+        rn.embed_hidden("image", rn.prefix("image", pixels, 3), pixels)
+    with torch.no_grad(), rn.record_attention("text", parts=True) as att:
+        emb = rn.encode_text(text)
+    assert len(att) == len(att.parts) == rn.num_layers["text"]
+    # the text hooks Grad-ECLIP / LeGrad read: the last block's hidden state sent through the head is the embedding
+    torch.testing.assert_close(rn.embed_hidden("text", att.parts[-1]["hidden"], text), emb, rtol=1e-5, atol=1e-6)
 
 
 def test_randomization_order_covers_the_image_tower_top_down(rn):

@@ -214,6 +214,27 @@ def test_record_attention_leaves_embeddings_unchanged(models, pixels, name):
     assert (att[0][..., upper].abs().max() == 0) == a.text_causal
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_attention_parts_and_embed_hidden(models, pixels, name):
+    """The Grad-ECLIP / LeGrad hooks on both towers (pooling by class token, attention-pool head, mean;
+    RoPE; fused and separate q/k/v): parts[l]['hidden'] is prefix() after block l, the last one sent
+    through embed_hidden is the embedding, and probs @ v is the recorded per-head output."""
+    a = models[name]
+    px, text = _inputs(a, pixels)
+    for modality, inputs in (("image", px), ("text", text)):
+        with torch.no_grad(), a.record_attention(modality, parts=True) as rec:
+            emb = a.encode(modality, inputs)
+        assert len(rec.parts) == len(rec) == a.num_layers[modality]
+        with torch.no_grad():
+            for layer in range(a.num_layers[modality] - 1):
+                torch.testing.assert_close(rec.parts[layer]["hidden"], a.prefix(modality, inputs, layer), atol=ATOL,
+                                           rtol=0)
+            torch.testing.assert_close(a.embed_hidden(modality, rec.parts[-1]["hidden"], inputs), emb, atol=ATOL,
+                                       rtol=0)
+        for probs, p in zip(rec, rec.parts):
+            torch.testing.assert_close(probs @ p["v"], p["out"], atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["m2ib-tiny-siglip", "m2ib-tiny-eva02"])
 def test_text_from_embeddings_and_randomization_order(models, pixels, name):
     a = models[name]
