@@ -1,10 +1,12 @@
 """Attention baselines, read through adapter.record_attention: last-layer raw attention, attention
 rollout (Abnar & Zuidema 2020) and gradient-weighted relevance (Chefer et al. 2021).
 
-The pooled token's row is read: the class token (position 0) for images, the end-of-text token
-(text.eot) for text. Image rows go to the pixel frame with adapter.hidden_to_image_map (which drops
-the class token's own column), text rows to token scores with adapter.hidden_to_text_scores.
-Families whose towers have no attention (e.g. ResNet image towers) raise UnsupportedError.
+The pooled token's row is read (adapter.pooled_position: the class token for images, the
+end-of-text token of CLIP, position 0 of BERT, the last position of SigLIP's text). Image rows go to
+the pixel frame with adapter.hidden_to_image_map (which drops the class token's own column), text
+rows to token scores with adapter.hidden_to_text_scores. Families whose towers have no attention
+(e.g. ResNet image towers) or pool every position instead of one token (SigLIP's attention-pool
+head, mean pooling) raise UnsupportedError.
 
 Note: raw attention and rollout of one tower do not depend on the other modality at all (the image
 map is the same for every caption); only Chefer's gradient weighting makes them pair-specific.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from baselines.base import (Baseline, embedding_score_fn, image_embedding, image_score_fn,
-                               require_attention, text_embedding, text_length)
+                               require_attention, require_pooled_position, text_embedding, text_length)
 from m2ib.core.attributor import register_method
 from m2ib.core.errors import InputError, UnsupportedError
 
@@ -36,8 +38,10 @@ def record_similarity(method: Baseline, modality: str, pixels, text, grad: bool,
             with (adapter.record_attention(modality, parts=True) if parts
                   else adapter.record_attention(modality)) as rec:
                 score = run(x)
-        except UnsupportedError:
-            raise
+        except UnsupportedError as exc:    # the adapter's reason, named for the refusing method
+            if str(exc).startswith(f"{method.name}:"):
+                raise
+            raise UnsupportedError(f"{method.name}: {exc}") from exc
         except NotImplementedError as exc:
             raise UnsupportedError(f"{method.name}: model {adapter.name} cannot record {modality} "
                                    f"attention: {exc}") from exc
@@ -66,11 +70,12 @@ class _AttentionBaseline(Baseline):
         return rel[rows, pooled_index.to(rel.device)].detach()
 
     def explain_image(self, pixels, text, seeds):
-        cls = torch.zeros(pixels.shape[0], dtype=torch.long, device=pixels.device)
-        return self.adapter.hidden_to_image_map(self._rows("image", pixels, text, cls))
+        pooled = require_pooled_position(self.adapter, "image", pixels, self.name)
+        return self.adapter.hidden_to_image_map(self._rows("image", pixels, text, pooled))
 
     def explain_text(self, pixels, text, seeds):
-        return self.adapter.hidden_to_text_scores(self._rows("text", pixels, text, text.eot), text)
+        values = self._rows("text", pixels, text, require_pooled_position(self.adapter, "text", text, self.name))
+        return self.adapter.hidden_to_text_scores(values, text)
 
 
 @register_method("raw_attention")

@@ -149,3 +149,14 @@ def require_attention(adapter, modality: str, recorded: list, method: str) -> li
             f"attention-based methods need a transformer {modality} tower")
     return recorded
 
+
+def require_pooled_position(adapter, modality: str, inputs, method: str) -> torch.Tensor:
+    """adapter.pooled_position (the one token whose output becomes the embedding), or
+    UnsupportedError for towers that pool several positions (attention-pool head, mean)."""
+    index = adapter.pooled_position(modality, inputs)
+    if index is None:
+        raise UnsupportedError(
+            f"{method}: model {getattr(adapter, 'name', '?')} pools its {modality} tokens as a whole (attention-pool "
+            f"head or mean), not through one token whose attention row could be read; use another method")
+    return index
+

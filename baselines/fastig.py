@@ -9,8 +9,10 @@ token's row (image: class token -> patches; text: the end-of-text row -> tokens)
 
 We sum the matrix over its query rows instead of indexing the pooled row: in the last block only the
 rows of the positions that reach the embedding have a gradient, so the sum IS the pooled row (class
-token / end of text for CLIP, as in the release; [CLS] for BERT text towers; the pooled rows' sum for
-mean-pooling towers) without this module knowing how a tower pools.
+token / end of text for CLIP, as in the release; [CLS] for BERT text towers; the last position of
+SigLIP's text). Towers that pool several positions (SigLIP's attention-pool head, mean pooling) are
+refused like the other attention baselines (adapter.pooled_position is None): the release defines the
+map as one pooled token's row, and such a tower has none.
 
 One forward and one backward per modality. We explain s = cos(e_image, e_text) (the release uses CLIP's
 logit, exp(t) * s: a positive constant factor, so its min-max normalised maps are the same). Image maps
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from baselines.attention import _AttentionBaseline
+from baselines.attention import _AttentionBaseline, record_similarity
 from m2ib.core.attributor import register_method
 from m2ib.core.errors import UnsupportedError
 
@@ -32,9 +34,9 @@ class FastIGMap(_AttentionBaseline):
 
     needs_grad = True
 
-    def _rows(self, modality, run, pooled_index):
+    def _rows(self, modality, pixels, text, pooled_index):
+        score, attn, _ = record_similarity(self, modality, pixels, text, grad=True)
         with torch.enable_grad():
-            score, attn = self._record(modality, run)
             grad, = torch.autograd.grad(score.sum(), attn[-1], allow_unused=True)
         if grad is None:
             raise UnsupportedError(f"{self.name}: the similarity of model {self.adapter.name} has no gradient "

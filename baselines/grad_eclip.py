@@ -11,7 +11,8 @@ token's attention output is o = sum_i A_i v_i (per head, before the heads are me
                    because CLIP's attention is extremely sparse; Phi = min-max normalisation to [0, 1])
 - map              H_i = ReLU( sum_c w_c lambda_i v_i^c )
 The pooled token is the class token (image), EOT (causal CLIP text) or [CLS] (BERT text):
-adapter.pooled_index. Image: the last block (`image_layers` = 1). Text: the per-layer sums of the
+adapter.pooled_position (towers that pool several positions, e.g. SigLIP's attention-pool head,
+have no pooled query and are refused). Image: the last block (`image_layers` = 1). Text: the per-layer sums of the
 last `text_layers` blocks are added BEFORE the ReLU (the official text code, 8 of CLIP's 12 text
 blocks; clipped to the tower's depth; image_layers > 1 sums the same way).
 
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from baselines.attention import record_similarity
-from baselines.base import Baseline, positive_int
+from baselines.base import Baseline, positive_int, require_pooled_position
 from m2ib.core.attributor import register_method
 from m2ib.core.errors import InputError
 
@@ -76,7 +77,7 @@ class GradECLIP(Baseline):
         """(B, N) ReLU'd Grad-ECLIP values on the positions of the tower's hidden state."""
         inputs = pixels if modality == "image" else text
         score, _, parts = record_similarity(self, modality, pixels, text, grad=True, parts=True)
-        pooled = self.adapter.pooled_index(modality, inputs).to(score.device)
+        pooled = require_pooled_position(self.adapter, modality, inputs, self.name).to(score.device)
         used = parts[-min(self.hparams[f"{modality}_layers"], len(parts)):]
         grads = torch.autograd.grad(score.sum(), [p["out"] for p in used])
         valid = self.adapter.token_positions(modality, inputs).to(score.device)

@@ -51,9 +51,9 @@ def load(model: str, pairs: int, device: str):
 
 def m2ib_kwargs(adapter) -> dict:
     """Paper defaults (layer 9, beta 0.1, 10 steps x 10 copies), with the layer moved down to the
-    last valid one (num_layers - 2) on models with fewer blocks."""
-    return {"image_layer": min(9, adapter.num_layers["image"] - 2),
-            "text_layer": min(9, adapter.num_layers["text"] - 2)}
+    last valid one (adapter.last_valid_layer) on models with fewer blocks."""
+    return {"image_layer": min(9, adapter.last_valid_layer("image")),
+            "text_layer": min(9, adapter.last_valid_layer("text"))}
 
 
 FAST = {"rise": {"n_masks": 100}, "kernel_shap": {"n_samples": 50}, "integrated_gradients": {"n_steps": 8}}

@@ -68,7 +68,7 @@ def main(argv=None):
     device = torch.device(args.device)
     torch.manual_seed(0)
     adapter = load_adapter(args.model, pretrained=None, device=str(device))
-    layer = min(args.layer, adapter.num_layers["image"] - 2, adapter.num_layers["text"] - 2)
+    layer = min(args.layer, adapter.last_valid_layer("image"), adapter.last_valid_layer("text"))
     cfg = M2IBConfig.from_kwargs(layer=layer, beta=0.1, steps=10, copies=10, lr=1.0, amp=args.amp)
     print(f"model {args.model} (random weights), device {device} ({torch.get_num_threads()} threads), "
           f"layer {layer}, 10 steps x 10 copies, both modalities")

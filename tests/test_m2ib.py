@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from m2ib.api import explain
 from m2ib.method.bottleneck import M2IBConfig, capacity

@@ -1,6 +1,6 @@
-"""Grad-ECLIP and LeGrad: the adapter hooks they read (record_attention parts, pooled_index,
-embed_hidden), the methods' contract on the three tiny model families (open_clip ViT, timm+BERT,
-transformers CLIP), plain restatements of their equations (loops over heads, positions and layers,
+"""Grad-ECLIP and LeGrad: the adapter hooks they read (record_attention parts, pooled_position,
+embed_hidden), the methods' contract on four tiny model families (open_clip ViT, timm+BERT,
+transformers CLIP, open_clip with an EVA02 timm image tower), plain restatements of their equations (loops over heads, positions and layers,
 no shared numerical code with the fast paths), and on the embedded trained model: localisation
 against the random map and caption steering."""
 import math
@@ -14,7 +14,7 @@ from m2ib.core.attributor import attribute_with, get_method
 from m2ib.core.errors import InputError, UnsupportedError
 from m2ib.core.metric import MetricContext
 from m2ib.models.base import ModelAdapter
-from tiny_models import write_tiny_hf_clip, write_tiny_hf_model
+from tiny_models import write_tiny_hf_clip, write_tiny_hf_model, write_tiny_timm_tower_models
 
 METHODS = ("grad_eclip", "legrad")
 #: Float32 recomputations in another order (loops vs batched matmuls): 1e-5 relative is ~100 ulps.
@@ -48,7 +48,18 @@ def hf_clip(tmp_path_factory):
         return load_adapter(f"hf:{folder}")
 
 
-@pytest.fixture(params=["tiny_adapter", "hf", "hf_clip"], ids=["open_clip_vit", "open_clip_hf", "hf_clip"])
+@pytest.fixture(scope="module")
+def eva02(tmp_path_factory):
+    """The tiny EVA02-shaped open_clip model (timm Eva image tower with RoPE + open_clip CLIP text tower)."""
+    import open_clip
+    from m2ib.models.sources import load_adapter
+    paths = write_tiny_timm_tower_models(tmp_path_factory.mktemp("tiny_towers_sota"))
+    open_clip.add_model_config(paths["m2ib-tiny-eva02"])
+    return load_adapter("m2ib-tiny-eva02", pretrained=None, seed=0)
+
+
+@pytest.fixture(params=["tiny_adapter", "hf", "hf_clip", "eva02"],
+                ids=["open_clip_vit", "open_clip_hf", "hf_clip", "open_clip_timm"])
 def any_adapter(request):
     return request.getfixturevalue(request.param)
 
@@ -78,20 +89,25 @@ def test_attention_parts_agree_with_prefix_and_encode(any_adapter, modality):
         torch.testing.assert_close(probs @ p["v"], p["out"], rtol=RTOL, atol=1e-6)
 
 
-def test_pooled_index(any_adapter):
+def test_pooled_position(any_adapter):
     pixels, text = _inputs(any_adapter)
-    assert any_adapter.pooled_index("image", pixels).tolist() == [0, 0]
+    assert any_adapter.pooled_position("image", pixels).tolist() == [0, 0]
     want = [0, 0] if any_adapter.family == "open_clip_hf" else text.eot.tolist()   # BERT [CLS] / CLIP EOT
-    assert any_adapter.pooled_index("text", text).tolist() == want
+    assert any_adapter.pooled_position("text", text).tolist() == want
 
 
 def test_towers_without_the_hooks_are_refused_in_one_line(tiny_adapter, monkeypatch):
-    """The base-class defaults (e.g. a ResNet image tower's adapter) raise UnsupportedError naming the model."""
+    """The base-class default (e.g. a ResNet image tower's adapter) raises UnsupportedError naming the model;
+    a tower without one pooled token (pooled_position None) is refused by Grad-ECLIP, which reads that
+    token's query."""
     pixels, text = _inputs(tiny_adapter)
-    for call in (lambda: ModelAdapter.pooled_index(tiny_adapter, "image", pixels),
-                 lambda: ModelAdapter.embed_hidden(tiny_adapter, "image", None, pixels)):
-        with pytest.raises(UnsupportedError, match=tiny_adapter.name):
-            call()
+    with pytest.raises(UnsupportedError, match=tiny_adapter.name):
+        ModelAdapter.embed_hidden(tiny_adapter, "image", None, pixels)
+    monkeypatch.setattr(tiny_adapter, "pooled_position", lambda modality, inputs: None)
+    with pytest.raises(UnsupportedError, match="pools its image tokens as a whole") as err:
+        get_method("grad_eclip", tiny_adapter, progress=False, modalities=["image"]).attribute(pixels, text, [0, 1])
+    assert "\n" not in str(err.value)
+    monkeypatch.undo()
     monkeypatch.setattr(tiny_adapter, "supports_attention_parts", False)
     for name in METHODS:
         with pytest.raises(UnsupportedError, match="query/key/value") as err:

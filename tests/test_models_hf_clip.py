@@ -343,7 +343,7 @@ def test_bridge_to_open_clip_same_embeddings_and_m2ib(hf, bridged, inputs):
 @pytest.mark.parametrize("name", ["grad_eclip", "legrad"])
 @pytest.mark.parametrize("variant", ["paper", "code"])
 def test_bridge_grad_eclip_and_legrad_maps_agree(hf, bridged, inputs, pairs, name, variant):
-    """The attention hooks (q/k/v/out/hidden parts, pooled_index, embed_hidden) of both adapters give the
+    """The attention hooks (q/k/v/out/hidden parts, pooled_position, embed_hidden) of both adapters give the
     same Grad-ECLIP and LeGrad image and text maps from the same weights. Tolerance BRIDGE_RTOL relative to
     the map's largest value; measured when written: at most 1.1e-6 (Grad-ECLIP text), LeGrad 4.6e-7."""
     pixels, text = inputs

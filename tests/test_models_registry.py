@@ -85,12 +85,27 @@ def test_bad_names_and_tags():
     assert "openai" in str(err.value) and "no_such_tag" in str(err.value)
 
 
-def test_resnet_refused_before_any_download():
+def test_resnet_openai_weights_offline_message(tmp_path):
+    """RN50 is served by the ResNet adapter; its OpenAI weights are a download, refused at once offline."""
     t0 = time.time()
-    with pytest.raises(UnsupportedError, match="ResNet") as err:
-        load_adapter("RN50", pretrained="openai")
-    assert "RN50" in str(err.value) and "ViT" in str(err.value)
-    assert time.time() - t0 < 10
+    with pytest.raises(ModelUnavailableError) as err:
+        load_adapter("RN50", pretrained="openai", cache_dir=str(tmp_path / "hf"))
+    assert time.time() - t0 < 30
+    for needle in ("timm/resnet50_clip.openai", "open_clip.create_model('RN50', pretrained='openai')",
+                   str(tmp_path / "hf"), "model.pretrained", "model.name"):
+        assert needle in str(err.value), needle
+
+
+def test_timm_convnet_tower_refused(tmp_path):
+    """A timm convolutional image tower (not open_clip's ModifiedResNet) has no adapter: one clear line."""
+    cfg = {"embed_dim": 16, "vision_cfg": {"timm_model_name": "resnet18", "timm_model_pretrained": False,
+                                           "timm_pool": "avg", "timm_proj": "linear", "image_size": 64},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    path = tmp_path / "m2ib-test-timm-resnet.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedError, match="timm convolutional network") as err:
+        load_adapter(str(path))
+    assert "\n" not in str(err.value) and "RN50" in str(err.value)
 
 
 def test_offline_tag_message(tmp_path):

@@ -6,7 +6,9 @@ family (open_clip ResNet, hf-hub timm/BERT towers, HF transformers CLIP) is one 
 Conventions
 - modality is "image" or "text".
 - `layer` l means the hidden state AFTER block l (0-based). Valid bottleneck layers are
-  0 .. num_layers[modality] - 2: after the last block only the pooled token reaches the embedding.
+  0 .. last_valid_layer(modality): num_layers - 2 where only one pooled token (class token, end of
+  text) reaches the embedding after the last block, num_layers - 1 where every position still does
+  (attention-pool head, mean pooling).
 - Embeddings returned by encode/suffix are L2-normalised.
 - Image tensors are preprocessed (B, 3, H, W); text goes as a TextBatch.
 """
@@ -29,7 +31,7 @@ from m2ib.core.geometry import boxes_to_input_frame
 from m2ib.core.records import TextBatch
 
 #: The rule for models without published M2IB settings: the release's layer 9 where the tower is deep
-#: enough, else its second-to-last block (the last valid bottleneck layer); the release's beta 0.1.
+#: enough, else its last valid bottleneck layer (last_valid_layer); the release's beta 0.1.
 DEFAULT_M2IB_LAYER, DEFAULT_M2IB_BETA = 9, 0.1
 
 
@@ -67,7 +69,7 @@ class ModelAdapter(abc.ABC):
         rule DEFAULT_M2IB_LAYER clipped to the tower's last valid layer, DEFAULT_M2IB_BETA."""
         out = {}
         for m in MODALITIES:
-            out[f"{m}_layer"] = self.m2ib_defaults.get(f"{m}_layer", min(DEFAULT_M2IB_LAYER, self.num_layers[m] - 2))
+            out[f"{m}_layer"] = self.m2ib_defaults.get(f"{m}_layer", min(DEFAULT_M2IB_LAYER, self.last_valid_layer(m)))
             out[f"{m}_beta"] = self.m2ib_defaults.get(f"{m}_beta", DEFAULT_M2IB_BETA)
         return out
 
@@ -83,9 +85,10 @@ class ModelAdapter(abc.ABC):
             raise InputError("no images given")
         return torch.stack(out).to(self.device)
 
-    def _check_captions(self, captions: Sequence[str], encode: Callable[[str], list]) -> list[bool]:
+    def _check_captions(self, captions: Sequence[str], encode: Callable[[str], list], n_special: int = 2) -> list[bool]:
         """Reject empty captions (naming them) and flag, with a warning, those longer than the context;
-        encode(caption) gives its word-piece ids without start/end tokens. Returns the truncated flags."""
+        encode(caption) gives its word-piece ids without the n_special start/end tokens the tokenizer
+        adds (2 for CLIP and BERT, 1 for SigLIP's end token). Returns the truncated flags."""
         if not captions:
             raise InputError("no captions given")
         truncated = []
@@ -95,9 +98,9 @@ class ModelAdapter(abc.ABC):
             body = encode(c)
             if not body:
                 raise InputError(f"caption {i} has no tokens after cleaning: {c!r}")
-            cut = len(body) + 2 > self.context_length
+            cut = len(body) + n_special > self.context_length
             if cut:
-                warnings.warn(f"caption {i} has {len(body) + 2} tokens, more than the context length "
+                warnings.warn(f"caption {i} has {len(body) + n_special} tokens, more than the context length "
                               f"{self.context_length}; truncated: {c[:60]!r}...", stacklevel=3)
             truncated.append(cut)
         return truncated
@@ -155,12 +158,35 @@ class ModelAdapter(abc.ABC):
     def _text_positions(self, text: TextBatch) -> torch.Tensor:
         """token_positions for text."""
 
+    def pooled_position(self, modality: str, inputs) -> Optional[torch.Tensor]:
+        """(B,) long: the one position of the hidden state whose last-block output alone becomes the
+        embedding (the class token of an image, the end-of-text token of a causal CLIP caption; adapters
+        with other pooling override it: [CLS] for BERT, the last position for SigLIP's text), or None
+        where the tower pools several positions (attention-pool head, mean, a ResNet's attention pool).
+        The one hook for "which token is pooled": attention baselines read its attention row,
+        Grad-ECLIP its query; both refuse a None (baselines.base.require_pooled_position)."""
+        if modality == "image":
+            return torch.zeros(inputs.shape[0], dtype=torch.long, device=inputs.device)
+        return inputs.eot
+
+    def last_valid_layer(self, modality: str) -> int:
+        """The last block whose output may carry a bottleneck. After the last block only the pooled
+        token reaches the embedding when the tower pools one token (a bottleneck there explains
+        nothing), so the default is the second-to-last block; adapters whose tower pools every
+        position (attention-pool head, mean) override it with the last block."""
+        return self.num_layers[modality] - 2
+
     def hidden_to_image_map(self, values: torch.Tensor) -> torch.Tensor:
         """(B, N) per-token values of the image hidden state -> (B, H, W) map in the preprocessed
         frame (class/prefix tokens dropped, grid bilinearly upsampled)."""
-        gh, gw = self.grid_size
+        gh, gw = self.token_grid(values.shape[1] - self.num_prefix)
         grid = values[:, self.num_prefix:].reshape(values.shape[0], 1, gh, gw).float()
         return F.interpolate(grid, size=self.image_size, mode="bilinear", align_corners=False)[:, 0]
+
+    def token_grid(self, n_tokens: int) -> tuple[int, int]:
+        """(rows, cols) of an image hidden state with n_tokens positions after the prefix tokens: the
+        patch grid; families whose grid depends on the layer (ResNet stages) override this."""
+        return self.grid_size
 
     def hidden_to_text_scores(self, values: torch.Tensor, text: TextBatch) -> torch.Tensor:
         """(B, T') per-position values of the text hidden state -> (B, T) scores on the TextBatch
@@ -203,12 +229,6 @@ class ModelAdapter(abc.ABC):
         finally:
             self._record[modality] = None
 
-    def pooled_index(self, modality: str, inputs) -> torch.Tensor:
-        """(B,) long: the position of the hidden state whose last-block output alone becomes the
-        embedding (image: the class token; text: EOT for causal CLIP towers, [CLS] for BERT). Towers
-        that pool several tokens (mean or attention pooling) raise UnsupportedError."""
-        raise UnsupportedError(f"model {self.name} ({self.family}) does not say which token it pools")
-
     def embed_hidden(self, modality: str, hidden: torch.Tensor, inputs) -> torch.Tensor:
         """(B, N, C) hidden state after ANY block (as prefix() or record parts give it; rows = inputs)
         -> (B, D) normalised embedding through the tower's own pooling, final norm and projection,
@@ -218,10 +238,10 @@ class ModelAdapter(abc.ABC):
                                f"{modality} hidden state to its embedding space")
 
     def gradcam_target(self, modality: str) -> tuple[torch.nn.Module, Callable]:
-        """(module, reshape_transform) for pytorch-grad-cam: the block before the last (after the last
-        only the pooled token reaches the embedding), and a function turning its (B, N, C) tokens into
-        (B, C, rows, cols): the patch grid without prefix tokens (image), a 1 x N strip (text)."""
-        module = self._blocks(modality)[-2]
+        """(module, reshape_transform) for pytorch-grad-cam: the block at last_valid_layer (the last
+        block whose every token still reaches the embedding), and a function turning its (B, N, C)
+        tokens into (B, C, rows, cols): the patch grid without prefix tokens (image), a 1 x N strip (text)."""
+        module = self._blocks(modality)[self.last_valid_layer(modality)]
         if modality == "image":
             gh, gw, npre = *self.grid_size, self.num_prefix
 
@@ -281,14 +301,16 @@ class ModelAdapter(abc.ABC):
     def check_layer(self, modality: str, layer: int) -> int:
         if modality not in MODALITIES:
             raise InputError(f"modality must be one of {MODALITIES}, got {modality!r}")
-        n = self.num_layers[modality]
+        n, last = self.num_layers[modality], self.last_valid_layer(modality)
         if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool):
             raise InputError(f"{modality} layer must be an integer, got {layer!r}")
-        if layer < 0 or layer > n - 2:
+        if layer < 0 or layer > last:
+            why = ("after the last block only the pooled token reaches the embedding, so a bottleneck there "
+                   "explains nothing" if last < n - 1 else "every block's output still reaches the embedding")
             raise InputError(
-                f"{modality} layer {layer} is out of range for {self.name}: the {modality} encoder has "
-                f"{n} blocks, so valid bottleneck layers are 0..{n - 2} (after the last block only the "
-                f"pooled token reaches the embedding, so a bottleneck there explains nothing)")
+                f"{modality} layer {layer} is out of range for {self.name} ({getattr(self, 'family', '?')}): "
+                f"the {modality} encoder has {n} blocks, so valid bottleneck layers are 0..{last} ({why}); "
+                f"pick one of those")
         return int(layer)
 
     def parameters(self):

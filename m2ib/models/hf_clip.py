@@ -223,11 +223,6 @@ class HFCLIPAdapter(ModelAdapter):
     # ---- hooks -----------------------------------------------------------------------------------------
     supports_attention_parts = True
 
-    def pooled_index(self, modality: str, inputs) -> torch.Tensor:
-        if modality == "text":
-            return inputs.eot
-        return torch.zeros(inputs.shape[0], dtype=torch.long, device=self.device)
-
     def embed_hidden(self, modality: str, hidden: torch.Tensor, inputs) -> torch.Tensor:
         if modality == "image":
             return self._image_head(hidden)

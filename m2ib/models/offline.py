@@ -76,15 +76,19 @@ def looks_like_path(value: str) -> bool:
 
 
 # ---- messages ---------------------------------------------------------------------------------------------
-def tag_message(name: str, tag: str, cfg: dict, cache_dir: Optional[str], reason: str) -> str:
+def tag_message(name: str, tag: str, cfg: dict, cache_dir: Optional[str], reason: str,
+                tokenizer_repo: Optional[str] = None) -> str:
+    """tokenizer_repo: the Hub repo of the model's tokenizer where it is one (SigLIP), fetched too."""
     repo = os.path.split(cfg.get("hf_hub", ""))[0]    # 'org/repo/' or 'org/repo/file.bin' (open_clip's form)
     where = f"the Hugging Face cache {_hub_cache_dir(cache_dir)} (models--{repo.replace('/', '--')})" if repo \
         else f"~/.cache/clip/{os.path.basename(cfg.get('url', ''))}"
+    what = 'Hub repo ' + repo if repo else cfg.get('url', 'the checkpoint')
+    fetch_tokenizer = f"; open_clip.get_tokenizer('{name}')" if tokenizer_repo else ""
     return (
         f"open_clip weights {name!r} / pretrained={tag!r} are not available here ({reason}).\n"
-        f"What: {'Hub repo ' + repo if repo else cfg.get('url', 'the checkpoint')}.\n"
+        f"What: {what}{' and the tokenizer of Hub repo ' + tokenizer_repo if tokenizer_repo else ''}.\n"
         f"Download on a connected machine:\n"
-        f"    python -c \"import open_clip; open_clip.create_model('{name}', pretrained='{tag}')\"\n"
+        f"    python -c \"import open_clip; open_clip.create_model('{name}', pretrained='{tag}'){fetch_tokenizer}\"\n"
         f"Put it: copy that machine's Hugging Face cache folder to {where} here (or point HF_HOME at "
         f"a copy), or save the checkpoint file anywhere and set model.pretrained=/path/to/file.\n"
         f"Config keys: model.name={name} and model.pretrained={tag}.")
@@ -116,6 +120,14 @@ def tower_message(name: str, repos, reason: str) -> str:
         f"Put it: copy that machine's Hugging Face cache (~/.cache/huggingface/hub) to the same place here, "
         f"or set HF_HOME to a folder holding it.\n"
         f"Config key: model.name={name}.")
+
+
+def tokenizer_message(name: str, repo: str, cache_dir: Optional[str], reason: str) -> str:
+    return (f"model {name!r} needs the tokenizer of Hugging Face Hub repo {repo}, which is not cached here "
+            f"({reason}): on a connected machine run "
+            f"`python -c \"import open_clip; open_clip.get_tokenizer('{name}')\"` "
+            f"and copy its Hugging Face cache (~/.cache/huggingface/hub) to {_hub_cache_dir(cache_dir)} here "
+            f"(or set HF_HOME to a folder holding it); config key model.name={name}.")
 
 
 def missing_file_message(name: str, path: str) -> str:

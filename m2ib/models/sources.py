@@ -1,8 +1,10 @@
 """Model loading in two steps: resolve(name, pretrained) -> ModelSource, then build(source) -> adapter.
 
 name (config key `model.name`):
-  - an open_clip config name: built-in ('ViT-B-32', 'ViT-B-16', 'ViT-L-14', ...) or one of this
+  - an open_clip config name: built-in ('ViT-B-32', 'ViT-B-16', 'ViT-L-14', 'RN50', ...) or one of this
     project's configs in m2ib/model_configs/ (registered here);
+  - a path to an open_clip model config JSON ('/path/my-clip.json': embed_dim, vision_cfg, text_cfg), e.g.
+    a CLIP trained in-house; it is registered under its file name (which must not shadow another config);
   - 'hf-hub:org/repo' (config + weights from the Hugging Face Hub, e.g. BiomedCLIP);
   - 'local-dir:/path' (a folder with open_clip_config.json and a weights file);
   - 'hf:org/repo' or 'hf:/path' (a Hugging Face transformers CLIPModel from the Hub cache or a
@@ -65,6 +67,7 @@ class ModelSource:
     create_kwargs: dict = field(default_factory=dict)
     sha256: Optional[str] = None
     m2ib_defaults: dict = field(default_factory=dict)
+    config_name: Optional[str] = None   # the open_clip config to build when it differs from `name` (a JSON path)
 
     def identity(self) -> dict:
         """What the attribution cache keys a model by."""
@@ -124,10 +127,17 @@ def _sha256(path: Optional[str]) -> Optional[str]:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
 
 
-def _hub_text_repos(model_cfg: dict) -> list[str]:
-    """Hub repos an HF text tower reads at build time (not local folders)."""
+def _hub_text_repos(model_cfg: dict, tower_only: bool = False) -> list[str]:
+    """Hub repos an HF text tower (and, unless tower_only, the tokenizer) reads at build time (not local folders)."""
     text = (model_cfg or {}).get("text_cfg", {})
-    return [r for r in {text.get("hf_model_name"), text.get("hf_tokenizer_name")} if r and not Path(r).exists()]
+    names = {text.get("hf_model_name")} if tower_only else {text.get("hf_model_name"), text.get("hf_tokenizer_name")}
+    return [r for r in names if r and not Path(r).exists()]
+
+
+def _hub_tokenizer_repo(model_cfg: dict) -> Optional[str]:
+    """The Hub repo an open_clip text tower's tokenizer comes from (e.g. SigLIP's), if not a local folder."""
+    repo = (model_cfg or {}).get("text_cfg", {}).get("hf_tokenizer_name")
+    return repo if repo and not Path(repo).exists() else None
 
 
 def _read_config(name: str) -> Optional[dict]:
@@ -191,17 +201,46 @@ def _resolve_hf_transformers(name: str, pretrained: Optional[str]) -> ModelSourc
     return ModelSource("hf-transformers", name, pretrained, checkpoint=ckpt, needs_hub=not local, sha256=sha)
 
 
+@register_source("json-config", lambda name, pretrained: name.lower().endswith(".json"), priority=1)
+def _resolve_json_config(name: str, pretrained: Optional[str]) -> ModelSource:
+    """An open_clip model config JSON given by path: registered with open_clip under its file name,
+    then resolved like a built-in config (pretrained: null or a checkpoint file)."""
+    import json
+
+    import open_clip
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise ModelUnavailableError(
+            f"model.name={name!r} names an open_clip JSON config, but {path} does not exist. Put the config "
+            f"(embed_dim, vision_cfg, text_cfg) there or change model.name")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"model.name={name!r}: cannot read the JSON config: {exc}") from exc
+    if not isinstance(cfg, dict) or not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise InputError(
+            f"model.name={name!r} is not an open_clip model config: it needs the keys embed_dim, vision_cfg and "
+            f"text_cfg (like open_clip/model_configs/RN50.json); a folder with open_clip_config.json "
+            f"(model_cfg + preprocess_cfg) is named 'local-dir:/path/to/folder' instead")
+    config_name = path.stem
+    known = _read_config(config_name) if config_name in open_clip.list_models() else None
+    if known is not None and known != cfg:
+        raise InputError(
+            f"model.name={name!r}: its file name {config_name!r} is already a registered open_clip config with "
+            f"different content; rename the JSON file (the name is how open_clip registers it)")
+    if known is None:
+        open_clip.add_model_config(path)
+    source = _resolve_open_clip(config_name, pretrained)
+    return replace(source, name=name, config_name=config_name)
+
+
 @register_source("open_clip", lambda name, pretrained: True, priority=9)
 def _resolve_open_clip(name: str, pretrained: Optional[str]) -> ModelSource:
     import open_clip
     ckpt = _checkpoint(name, pretrained) if pretrained and offline.looks_like_path(pretrained) else None
     if name not in open_clip.list_models():
-        ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-        raise InputError(
-            f"unknown model.name {name!r}: not an open_clip config (see open_clip.list_models()), nor one of "
-            f"this project's configs {ours}; hub models are named 'hf-hub:org/repo'")
+        raise InputError(_unknown_name_message(name, open_clip.list_models()))
     model_cfg = _read_config(name)
-    _refuse_unsupported_config(name, model_cfg)
     kwargs: dict = {}
     tag_cfg = None
     if pretrained and ckpt is None:
@@ -221,24 +260,29 @@ def _resolve_open_clip(name: str, pretrained: Optional[str]) -> ModelSource:
                        sha256=_sha256(ckpt))
 
 
-def _refuse_unsupported_config(name: str, model_cfg: Optional[dict]) -> None:
-    """Refuse a ResNet image tower from its config alone, before any weights are downloaded."""
-    vision = (model_cfg or {}).get("vision_cfg", {})
-    if isinstance(vision.get("layers"), (list, tuple)) and not vision.get("timm_model_name"):
-        raise UnsupportedError(_RESNET_MESSAGE.format(name=name, tower="ModifiedResNet"))
+def _unknown_name_message(name: str, known: list[str]) -> str:
+    import difflib
+    ours = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    return (f"unknown model.name {name!r}{f' (did you mean {close}?)' if close else ''}: available are this "
+            f"project's configs {ours} and {len(known)} open_clip configs (list them with python -c \"import "
+            f"open_clip; print(open_clip.list_models())\"); hub models are named 'hf-hub:org/repo', a folder "
+            f"with open_clip_config.json 'local-dir:/path'; for your own architecture set model.name to the "
+            f"path of its open_clip JSON config (/path/my-clip.json) and model.pretrained to its checkpoint")
 
 
-_RESNET_MESSAGE = (
-    "{name}: the image tower is a convolutional network ({tower}), not a ViT. The adapters here need patch "
-    "tokens and transformer blocks (prefix/suffix at block l, attention, token grid); an open_clip ResNet "
-    "adapter (hidden state after a residual stage, its spatial grid, the attention pool as the last step) "
-    "is not implemented yet. Use a ViT model (e.g. ViT-B-32, ViT-B-16).")
+_TIMM_CONVNET_MESSAGE = (
+    "{name}: the image tower is a timm convolutional network ({tower}), not a ViT. The adapters here need "
+    "patch tokens and transformer blocks (timm ViT), or open_clip's own ModifiedResNet (RN50, RN101, ...). "
+    "Use a ViT model (e.g. ViT-B-32) or an open_clip RN* model.")
 
 
 def pick_adapter_class(model, name: str):
     """The adapter family for a built open_clip model, or UnsupportedError naming what is missing."""
     from open_clip.transformer import TextTransformer, VisionTransformer
     from m2ib.models.open_clip_hf import OpenClipHFAdapter
+    from m2ib.models.open_clip_resnet import OpenClipResNetAdapter
+    from m2ib.models.open_clip_timm import OpenClipTimmAdapter
     from m2ib.models.open_clip_vit import OpenClipViTAdapter
     visual = getattr(model, "visual", None)
     text = getattr(model, "text", None)
@@ -253,13 +297,19 @@ def pick_adapter_class(model, name: str):
         and hasattr(visual.trunk, "blocks")
     if is_timm_vit and text_kind == "HFTextEncoder":
         return OpenClipHFAdapter
-    if vision_kind == "ModifiedResNet" or (vision_kind == "TimmModel" and not is_timm_vit):
+    if is_timm_vit and text_kind == "TextTransformer":
+        return OpenClipTimmAdapter
+    if vision_kind == "ModifiedResNet" and (text_kind == "TextTransformer" or isinstance(text, TextTransformer)):
+        return OpenClipResNetAdapter
+    if vision_kind == "TimmModel" and not is_timm_vit:
         trunk = type(getattr(visual, "trunk", visual)).__name__
-        raise UnsupportedError(_RESNET_MESSAGE.format(name=name, tower=trunk))
+        raise UnsupportedError(_TIMM_CONVNET_MESSAGE.format(name=name, tower=trunk))
     raise UnsupportedError(
         f"{name}: no adapter for image tower {vision_kind} + text tower {text_kind}. Supported: open_clip "
-        f"VisionTransformer + open_clip TextTransformer (OpenClipViTAdapter), and timm VisionTransformer "
-        f"(TimmModel) + HF BERT (HFTextEncoder) (OpenClipHFAdapter).")
+        f"VisionTransformer + open_clip TextTransformer (OpenClipViTAdapter), open_clip ModifiedResNet + open_clip "
+        f"TextTransformer (OpenClipResNetAdapter), timm ViT/EVA (TimmModel) + HF BERT (HFTextEncoder) "
+        f"(OpenClipHFAdapter), timm ViT/EVA + open_clip TextTransformer (OpenClipTimmAdapter); use a model of "
+        f"one of those shapes.")
 
 
 # ---- building ----------------------------------------------------------------------------------------------
@@ -302,19 +352,28 @@ def build(source: ModelSource, device: str = "cpu", seed: int = 0, cache_dir: Op
                         open_clip.factory._get_hf_config(name[len("hf-hub:"):], cache_dir=cache_dir).get("model_cfg")
                 except Exception as exc:
                     raise ModelUnavailableError(offline.hub_message(name, cache_dir, reason if is_offline else str(exc))) from exc
-            _refuse_unsupported_config(name, model_cfg)
+            config_name = source.config_name or name
+            offline_reason = reason if is_offline else None
+            tokenizer = None
+            if _hub_tokenizer_repo(model_cfg) and not _hub_text_repos(model_cfg, tower_only=True) \
+                    and source.tag_cfg is None and not hub_schema:
+                # a Hub tokenizer next to random or local weights and an open_clip text tower (SigLIP): fail
+                # before the slow model build (a Hub text tower's own message names its config too)
+                tokenizer = _tokenizer(config_name, model_cfg, cache_dir, offline_reason)
             if hub_schema:
                 if source.checkpoint is not None:
                     kwargs.update(load_weights=False, pretrained_text=False, pretrained_image=False)
                 else:   # open_clip would otherwise fall back to RANDOM weights with only a log line
                     kwargs["require_pretrained"] = True
-            pretrained_arg = None if hub_schema else (source.checkpoint or source.pretrained)
+            # a local checkpoint is loaded below (one-line report of keys that do not fit)
+            pretrained_arg = None if hub_schema or source.checkpoint else source.pretrained
             with _quiet_random_init(pretrained_arg is None and not hub_schema):
                 model, _, preprocess = open_clip.create_model_and_transforms(
-                    name, pretrained=pretrained_arg, device="cpu", cache_dir=cache_dir, **kwargs)
-            if hub_schema and source.checkpoint is not None:
-                open_clip.load_checkpoint(model, source.checkpoint)
-            tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
+                    config_name, pretrained=pretrained_arg, device="cpu", cache_dir=cache_dir, **kwargs)
+            if source.checkpoint is not None:
+                _load_checkpoint(model, name, source.checkpoint)
+            if tokenizer is None:
+                tokenizer = _tokenizer(config_name, model_cfg, cache_dir, offline_reason)
     except (ModelUnavailableError, UnsupportedError, InputError):
         raise
     except Exception as exc:   # download/cache/checkpoint failures of open_clip, huggingface_hub, transformers
@@ -324,7 +383,8 @@ def build(source: ModelSource, device: str = "cpu", seed: int = 0, cache_dir: Op
                 f"could not load checkpoint file {source.checkpoint} into model {name!r}: {type(exc).__name__}: {exc}\n"
                 f"Check that model.pretrained points at weights for this architecture (model.name).") from exc
         if source.tag_cfg is not None:
-            raise ModelUnavailableError(offline.tag_message(name, source.pretrained, source.tag_cfg, cache_dir, why)) from exc
+            raise ModelUnavailableError(offline.tag_message(name, source.pretrained, source.tag_cfg, cache_dir, why,
+                                                            _hub_tokenizer_repo(model_cfg))) from exc
         if source.kind == "hf-hub":
             raise ModelUnavailableError(offline.hub_message(name, cache_dir, why, _hub_text_repos(model_cfg))) from exc
         if source.needs_hub:
@@ -338,6 +398,49 @@ def _describe(adapter, source: ModelSource):
     adapter.m2ib_defaults = dict(source.m2ib_defaults)
     adapter.source = source
     return adapter
+
+
+def _tokenizer(name: str, model_cfg: Optional[dict], cache_dir: Optional[str], offline_reason: Optional[str]):
+    """open_clip's tokenizer for `name`; a Hub tokenizer that cannot be had says what to download."""
+    import open_clip
+    try:
+        return open_clip.get_tokenizer(name, cache_dir=cache_dir)
+    except Exception as exc:
+        repo = _hub_tokenizer_repo(model_cfg)
+        if repo is None:
+            raise
+        why = offline_reason or f"{type(exc).__name__}: {exc}"
+        raise ModelUnavailableError(offline.tokenizer_message(name, repo, cache_dir, why)) from exc
+
+
+def _load_checkpoint(model, name: str, path: str) -> None:
+    """Load a local weights file into `model` (open_clip's conversions included), or fail with ONE line
+    naming the first missing, unexpected and mis-shaped keys and the fix."""
+    import open_clip
+    try:
+        open_clip.load_checkpoint(model, path, strict=True)
+    except RuntimeError as exc:
+        mismatch = _key_mismatch(str(exc))
+        if mismatch is None:
+            raise
+        raise ModelUnavailableError(
+            f"checkpoint file {path} does not fit model {name!r}: {mismatch}. Fix: set model.name to the "
+            f"architecture the checkpoint was trained with (an open_clip config name or the path of its JSON "
+            f"config), or model.pretrained to weights of {name!r}") from exc
+
+
+def _key_mismatch(report: str) -> Optional[str]:
+    """'N missing keys (first: ...); ...' from torch's strict load_state_dict error, None if it is another error."""
+    import re
+
+    def quoted(label):
+        found = re.search(re.escape(label) + r' ((?:"[^"]*"(?:, )?)+)', report)
+        return re.findall(r'"([^"]*)"', found.group(1)) if found else []
+    groups = (("missing keys", quoted("Missing key(s) in state_dict:")),
+              ("unexpected keys", quoted("Unexpected key(s) in state_dict:")),
+              ("keys of another shape", re.findall(r"size mismatch for ([^:\s]+):", report)))
+    parts = [f"{len(keys)} {what} (first: {', '.join(keys[:3])})" for what, keys in groups if keys]
+    return "; ".join(parts) or None
 
 
 def load_adapter(name: str = "m2ib-tiny-vit", pretrained: Optional[str] = None, device: str = "cpu",

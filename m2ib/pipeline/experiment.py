@@ -61,7 +61,8 @@ def table_stem(cfg: dict, n: int) -> str:
     set's size before sharding) and the result identity (a hash of the methods, metrics, their
     hyperparameters, model, data selection and seed), so two configurations never share a file; every
     shard of one run shares the stem merge_shards.py joins."""
-    model = cfg["model"]["name"].replace("/", "_").replace(":", "_")
+    name = cfg["model"]["name"]      # a JSON config path (an in-house architecture) shows as its file name
+    model = (Path(name).stem if name.lower().endswith(".json") else name).replace("/", "_").replace(":", "_")
     data = cfg["data"]["kind"] + (f"-{cfg['data']['split']}" if cfg["data"].get("split") else "")
     stem = f"{cfg['experiment_name']}-{model}-{data}-n{n}-{result_identity(cfg)}"
     if int(cfg["data"].get("num_shards", 1)) > 1:
