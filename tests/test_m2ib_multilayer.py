@@ -24,13 +24,14 @@ def test_one_listed_layer_is_single_layer_m2ib_bit_for_bit(tiny_adapter, pairs):
     assert torch.equal(single.image, listed.image) and torch.equal(single.text, listed.text)
 
 
-def test_several_layers_match_plain_restatement(tiny_adapter, pairs):
+@pytest.mark.parametrize("ratio", ["token_channel", "token"])
+def test_several_layers_match_plain_restatement(tiny_adapter, pairs, ratio):
     a = tiny_adapter
     px, tb = a.preprocess(pairs[0]), a.tokenize(pairs[1])
-    cfg = M2IBConfig.from_kwargs(layers=[0, 1], **HP).with_model_defaults(a.default_m2ib_settings())
+    cfg = M2IBConfig.from_kwargs(layers=[0, 1], ratio=ratio, **HP).with_model_defaults(a.default_m2ib_settings())
     seeds = [21, 22, 23]
     fast = M2IBAttributor(a, cfg).attribute(px, tb, seeds)
-    single = M2IBAttributor(a, layer=0, **HP).attribute(px, tb, seeds)
+    single = M2IBAttributor(a, layer=0, ratio=ratio, **HP).attribute(px, tb, seeds)
     # not vacuous: the second bottleneck changes the first layer's capacity through the shared alpha
     assert not torch.allclose(fast.meta["image_capacity"], single.meta["image_capacity"], rtol=1e-3)
     for i, seed in enumerate(seeds):
@@ -69,6 +70,7 @@ def test_other_estimators_run_per_layer(tiny_adapter, pairs, mode):
     (dict(image_layers=[-1, 2]), "non-negative integers"),
     (dict(image_layers=[True, 2]), "non-negative integers"),
     (dict(image_layer=2, image_layers=[0, 1]), "layer 2 conflicts with layers \\[0, 1\\]"),
+    (dict(text_ratio="channel"), "text: ratio must be one of"),
 ])
 def test_bad_layer_lists_are_refused_before_any_model(kwargs, match):
     with pytest.raises(InputError, match=match) as err:
@@ -86,7 +88,9 @@ def test_layers_config_round_trip_and_identity():
     assert cfg.image.layers == (0, 2) and cfg.image.layer == 0 and cfg.text.layers is None
     assert M2IBConfig.from_kwargs(**cfg.as_flat()) == cfg
     assert "text_layers" not in cfg.as_flat() and cfg.as_flat()["image_layers"] == (0, 2)
-    assert not any(k.endswith("_layers") for k in M2IBConfig().as_flat())   # single-layer keys unchanged
+    # keys added for this feature appear only where set, so single-layer identities (cache keys) are unchanged
+    assert not any(k.endswith(("_layers", "_ratio")) for k in M2IBConfig().as_flat())
+    assert M2IBConfig.from_kwargs(ratio="token").as_flat()["text_ratio"] == "token"
 
 
 @pytest.fixture(scope="module")

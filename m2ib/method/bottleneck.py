@@ -55,9 +55,10 @@ information term is the KL at the FIRST targeted layer only (its clean activatio
 which is also the map. Our reading of the paper's "upper bounding layer-wise information": each later
 Z_k is a noisy function of Z_1 (a Markov chain R_1 -> Z_1 -> Z_k), so I(R_1; Z_k) <= I(R_1; Z_1), which
 the first layer's KL bounds. Open choices, fixed here:
-- alpha per token AND channel (M2IB's shape; CoIBA's ViT code uses one alpha per token, shared by the
-  channels). M2IB's shape keeps one listed layer identical to single-layer M2IB; it needs the same
-  hidden shape at every listed layer (true for the transformer towers here; otherwise refused).
+- lambda's shape: `ratio` "token_channel" (default; M2IB's alpha per token and channel, so one listed
+  layer is single-layer M2IB) or "token" (CoIBA's ViT code: one alpha per token, shared by the channels).
+  Both need the same hidden shape at every listed layer (true for the transformer towers here; else
+  refused). With "token" the map is still (B2) summed over channels.
 - the compression term and the map are the first listed layer's (CoIBA's code), not a sum or mean of
   per-layer KLs; `beta` keeps its single-layer meaning.
 - estimators per layer: "normalized" standardises each layer with the statistics of its CLEAN hidden
@@ -79,6 +80,10 @@ from m2ib.core.errors import InputError
 from m2ib.method.stats import LayerStats, check_stats_config
 
 MODES = ("release", "paper", "normalized", "iba")
+RATIOS = ("token_channel", "token")
+#: Keys added after the first published tables, left out of as_flat() at these defaults so that the
+#: identities (cache keys) of single-layer, per-channel runs stay as they were.
+LATER_KEYS = {"layers": None, "ratio": "token_channel"}
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ class ModalityConfig:
     copies: int = 10
     lr: float = 1.0
     init_alpha: float = 5.0
+    ratio: str = "token_channel"     # lambda's shape: "token_channel" (M2IB) or "token" (CoIBA's ViT code)
 
     def validate(self, modality: str) -> "ModalityConfig":
         def bad(msg):
@@ -110,6 +116,8 @@ class ModalityConfig:
                 bad(f"{f.name} must be finite, got {value!r}")
         if self.layers is not None:
             self._check_layers(bad)
+        if self.ratio not in RATIOS:
+            bad(f"ratio must be one of {RATIOS}, got {self.ratio!r}")
         if self.beta is not None and self.beta < 0:
             bad(f"beta must be >= 0, got {self.beta}")
         if not self.var > 0:
@@ -200,10 +208,11 @@ class M2IBConfig:
 
     def as_flat(self) -> dict:
         """The flat keyword form (image_layer=..., text_beta=..., mode, amp; stats in mode "iba" only, the one
-        mode that reads it; image_/text_layers only where given, so single-layer identities are unchanged):
+        mode that reads it; LATER_KEYS only where they differ from their defaults):
         what caches and tables record."""
         out = {f"{m}_{f.name}": getattr(self.for_modality(m), f.name) for m in ("image", "text")
-               for f in fields(ModalityConfig) if f.name != "layers" or self.for_modality(m).layers is not None}
+               for f in fields(ModalityConfig)
+               if f.name not in LATER_KEYS or getattr(self.for_modality(m), f.name) != LATER_KEYS[f.name]}
         out = {**out, "mode": self.mode, "amp": self.amp}
         return {**out, "stats": self.stats} if self.mode == "iba" else out
 
@@ -292,7 +301,8 @@ def fit_bottleneck(adapter, modality: str, inputs, target: torch.Tensor, hp: Mod
     r = hidden if mean is None else (hidden - mean) / sd
     lengths = valid.sum(1).tolist()
     generators = pair_generators(seeds, modality, hidden.device)
-    alpha = torch.full((B, N, C), float(hp.init_alpha), device=hidden.device, requires_grad=True)
+    width = C if hp.ratio == "token_channel" else 1
+    alpha = torch.full((B, N, width), float(hp.init_alpha), device=hidden.device, requires_grad=True)
     opt = torch.optim.Adam([alpha], lr=hp.lr)
     target_rep = target.detach().float().repeat_interleave(hp.copies, 0)
     n_elem = valid.sum(1).float() * C     # elements per pair: the compression term is their MEAN
@@ -317,7 +327,7 @@ def fit_bottleneck(adapter, modality: str, inputs, target: torch.Tensor, hp: Mod
 
 
 def _inject(lam, r, valid, est, generators, copies: int, lengths) -> torch.Tensor:
-    """(B1) on standardised states r (B, copies or 1, N, C) with lam (B, N, C): fresh noise for each copy
+    """(B1) on standardised states r (B, copies or 1, N, C) with lam (B, N, C or 1): fresh noise for each copy
     from the pairs' generators, real positions only; back to raw units, (B * copies, N, C)."""
     mean, sd, noise_var = est
     B, _, N, C = r.shape

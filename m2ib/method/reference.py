@@ -53,7 +53,8 @@ def reference_pair(model, pixels: torch.Tensor, ids: torch.Tensor, eot: int, con
             n = output.shape[1] if modality == "image" else eot + 1
             r = output[:, :n]
             if "alpha" not in state:
-                state["alpha"] = torch.nn.Parameter(torch.full((1, n, r.shape[-1]), float(hp.init_alpha),
+                width = r.shape[-1] if hp.ratio == "token_channel" else 1
+                state["alpha"] = torch.nn.Parameter(torch.full((1, n, width), float(hp.init_alpha),
                                                                device=r.device))
                 state["opt"] = torch.optim.Adam([state["alpha"]], lr=hp.lr)
             lam = torch.sigmoid(state["alpha"]).expand_as(r)
