@@ -76,7 +76,7 @@ from typing import Optional
 
 import torch
 
-from m2ib.core.errors import InputError
+from m2ib.core.errors import InputError, UnsupportedError
 from m2ib.method.stats import LayerStats, check_stats_config
 
 MODES = ("release", "paper", "normalized", "iba")
@@ -294,7 +294,7 @@ def fit_bottleneck(adapter, modality: str, inputs, target: torch.Tensor, hp: Mod
             clean.append(adapter.run_blocks(modality, clean[-1], inputs, start, stop).float())
     B, N, C = hidden.shape
     if any(h.shape != hidden.shape for h in clean):
-        raise InputError(f"m2ib {modality} layers {layers}: the hidden states differ in shape "
+        raise UnsupportedError(f"m2ib {modality} layers {layers}: the hidden states differ in shape "
                          f"({[tuple(h.shape) for h in clean]}); one damping ratio cannot be shared")
     estimators = [estimator(mode, h, valid, hp.var, (stats or {}).get(l)) for h, l in zip(clean, layers)]
     mean, sd, noise_var = estimators[0]
