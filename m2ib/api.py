@@ -18,8 +18,8 @@ def explain(adapter, images: Sequence, captions: Sequence[str], method: str = "m
     ...); pair i's seed is m2ib.core.seeds.pair_seed(ids[i], seed), the rule the pipeline uses with
     the data set's sample ids, so the same pair, id, seed and hyperparameters give the same map here
     and in a `make`/Hydra run, whatever the batch size. hparams go to the method (for M2IB: layer,
-    beta, var, steps, copies, lr, init_alpha, optionally image_/text_ prefixed, mode, amp; layers and
-    betas default to the model's own settings).
+    layers, beta, var, steps, copies, lr, init_alpha, ratio, optionally image_/text_ prefixed, mode, amp;
+    layers and betas default to the model's own settings).
     Returns one Attribution with image maps (B, H, W) in the preprocessed frame and token scores (B, T).
     """
     if isinstance(images, (str, bytes)) or isinstance(captions, str):

@@ -9,6 +9,7 @@ the 'iba' maps and of 'iba' with itself under another run seed (the noise alone:
     python scripts/compare_m2ib_estimators.py                    # first 100 test pairs, CPU
     python scripts/compare_m2ib_estimators.py --n 20 --paper-vars 0.25 4
     python scripts/compare_m2ib_estimators.py --extra wide '{"mode": "iba", "var": 4.0}'
+    python scripts/compare_m2ib_estimators.py --paper-vars --extra coiba '{"image_layers": [0, 1, 2], "text_layers": [0, 1]}'
 """
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ from m2ib.method.stats import layer_stats, weights_digest
 class M2IBAttributor(Attributor):
     """M2IB (Wang et al. 2023): per-pair information bottlenecks fitted to the other modality's embedding.
 
-    Hyperparameters: an M2IBConfig (`config=`) or its flat keywords (layer, beta, var, steps, copies,
-    lr, init_alpha, each optionally image_/text_ prefixed; mode; amp; stats). Layers and betas not given
+    Hyperparameters: an M2IBConfig (`config=`) or its flat keywords (layer, layers, beta, var, steps,
+    copies, lr, init_alpha, each optionally image_/text_ prefixed; mode; ratio; amp; stats). Layers and betas not given
     are the model's (adapter.default_m2ib_settings()). `modalities` picks what to explain. In mode "iba"
     the layer statistics are estimated (or read from their cache) once, at construction.
 
@@ -47,12 +47,14 @@ class M2IBAttributor(Attributor):
         own = {k: v for k, v in self.hparams.items() if k not in COMMON_DEFAULTS}
         self.config = M2IBConfig.from_kwargs(**own).with_model_defaults(self.adapter.default_m2ib_settings())
         for m in self.modalities:
-            self.adapter.check_layer(m, self.config.for_modality(m).layer)
+            for layer in self.config.for_modality(m).bottleneck_layers:
+                self.adapter.check_layer(m, layer)
         self.stats = {}
         if self.config.mode == "iba":
             weights = weights_digest(self.adapter)
-            self.stats = {m: layer_stats(self.adapter, m, self.config.for_modality(m).layer, self.config.stats,
-                                         progress=self.hparams["progress"], weights=weights)
+            self.stats = {m: {layer: layer_stats(self.adapter, m, layer, self.config.stats,
+                                                 progress=self.hparams["progress"], weights=weights)
+                              for layer in self.config.for_modality(m).bottleneck_layers}
                           for m in self.modalities}
 
     def identity(self) -> dict:

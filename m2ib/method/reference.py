@@ -4,7 +4,8 @@ Deliberately naive, like the release: one pair at a time, both full encoders re-
 through open_clip's own forward (the bottleneck is a forward hook on block l), weights left
 trainable (their gradients are computed and thrown away), text bottlenecked over SOT..EOT only (the
 release tokenises without padding; positions after EOT cannot reach EOT through the causal mask).
-Estimators: the release's (none), or IBA's per-sample bottleneck written as IBA writes it (Schulz et al.
+Several layers (config *_layers, CoIBA-style): one alpha, hooked on every listed block, the information
+term taken at the first. Estimators: the release's (none), or IBA's per-sample bottleneck written as IBA writes it (Schulz et al.
 2020, Sec. 3.1): given a mean m and std s of R, noise epsilon = s * eps + m, Z = lambda R + (1 - lambda)
 epsilon, capacity KL(N(lambda (R - m) / s, (1 - lambda)^2) || N(0, 1)). With the data set's statistics that
 is mode "iba" (var 1), with m = 0, s = sqrt(var) mode "paper". Never used by the library's hot path.
@@ -12,6 +13,7 @@ is mode "iba" (var 1), with m = 0, s = sqrt(var) mode "paper". Never used by the
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -41,14 +43,18 @@ def reference_pair(model, pixels: torch.Tensor, ids: torch.Tensor, eot: int, con
     for modality in modalities:
         hp = config.for_modality(modality)
         gen = pair_generators([seed], modality, pixels.device)[0]
-        block = (model.visual.transformer.resblocks if modality == "image" else _text_blocks(model))[hp.layer]
+        blocks = model.visual.transformer.resblocks if modality == "image" else _text_blocks(model)
+        layers = hp.bottleneck_layers
+        if len(layers) > 1 and modality in (estimators or {}):
+            raise ValueError("reference_pair restates several layers with the release's estimator only")
         state = {}
 
-        def hook(module, args, output):
+        def hook(module, args, output, first):
             n = output.shape[1] if modality == "image" else eot + 1
             r = output[:, :n]
             if "alpha" not in state:
-                state["alpha"] = torch.nn.Parameter(torch.full((1, n, r.shape[-1]), float(hp.init_alpha),
+                width = r.shape[-1] if hp.ratio == "token_channel" else 1
+                state["alpha"] = torch.nn.Parameter(torch.full((1, n, width), float(hp.init_alpha),
                                                                device=r.device))
                 state["opt"] = torch.optim.Adam([state["alpha"]], lr=hp.lr)
             lam = torch.sigmoid(state["alpha"]).expand_as(r)
@@ -56,15 +62,18 @@ def reference_pair(model, pixels: torch.Tensor, ids: torch.Tensor, eot: int, con
             if modality in (estimators or {}):
                 mean, std = estimators[modality]
                 mu_z, var_z = lam * (r - mean) / std, (1 - lam) ** 2
-                state["kl"] = -0.5 * (1 + torch.log(var_z) - mu_z ** 2 - var_z)
+                kl = -0.5 * (1 + torch.log(var_z) - mu_z ** 2 - var_z)
                 z = lam * r + (1 - lam) * (std * eps + mean)
             else:
                 # KL(N(lam r, (1 - lam)^2) || N(0, 1)), written independently of bottleneck.capacity
-                state["kl"] = 0.5 * ((1 - lam) ** 2 + (lam * r) ** 2 - 1) - torch.log(1 - lam)
+                kl = 0.5 * ((1 - lam) ** 2 + (lam * r) ** 2 - 1) - torch.log(1 - lam)
                 z = lam * r + (1 - lam) * eps
+            if first:       # several layers (CoIBA): the information term is the first layer's
+                state["kl"] = kl
             return torch.cat([z, output[:, n:]], dim=1)
 
-        handle = block.register_forward_hook(hook)
+        # the same alpha at every listed block; hooks fire in block order, so noise is drawn layer by layer
+        handles = [blocks[l].register_forward_hook(functools.partial(hook, first=l == layers[0])) for l in layers]
         try:
             for _ in range(hp.steps):
                 img = F.normalize(model.encode_image(pixels.repeat(hp.copies, 1, 1, 1)), dim=-1)
@@ -75,6 +84,7 @@ def reference_pair(model, pixels: torch.Tensor, ids: torch.Tensor, eot: int, con
                 loss.backward()
                 state["opt"].step()
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         out[modality] = state["kl"].detach().mean(0).sum(-1)
     return out

@@ -146,6 +146,22 @@ class ModelAdapter(abc.ABC):
         embedding. `hidden` may have more rows than `inputs` (copies): rows are grouped so that
         row r belongs to input r // (len(hidden) // len(inputs))."""
 
+    def run_blocks(self, modality: str, hidden: torch.Tensor, inputs, start: int, stop: int) -> torch.Tensor:
+        """The hidden state after block `stop` from the hidden state after block `start` (start < stop,
+        both valid bottleneck layers): blocks start+1 .. stop, with gradients. `hidden` may have copies
+        rows, grouped as in suffix(). Multi-layer M2IB uses it to pass between its bottlenecks.
+
+        This default needs record_attention(parts=True): it runs suffix() from `start` while recording
+        and reads the output of block `stop` (the blocks after `stop` run for nothing). Adapters
+        override it with a plain loop over their blocks."""
+        start, stop = self.check_block_span(modality, start, stop)
+        if not self.supports_attention_parts:
+            raise UnsupportedError(f"model {self.name} ({self.family}) cannot run its {modality} blocks "
+                                   f"{start + 1}..{stop} alone (no run_blocks, no recorded block outputs)")
+        with self.record_attention(modality, parts=True) as rec:
+            self.suffix(modality, hidden, inputs, start)
+        return rec.parts[stop - start - 1]["hidden"]
+
     def token_positions(self, modality: str, inputs) -> torch.Tensor:
         """(B, N) bool: which positions of prefix()'s hidden state are real inputs (image: all;
         text: start-of-text .. end-of-text, no padding)."""
@@ -312,6 +328,13 @@ class ModelAdapter(abc.ABC):
                 f"the {modality} encoder has {n} blocks, so valid bottleneck layers are 0..{last} ({why}); "
                 f"pick one of those")
         return int(layer)
+
+    def check_block_span(self, modality: str, start: int, stop: int) -> tuple[int, int]:
+        """run_blocks' arguments: two valid bottleneck layers, start < stop."""
+        start, stop = self.check_layer(modality, start), self.check_layer(modality, stop)
+        if not start < stop:
+            raise InputError(f"run_blocks needs start < stop, got {start} and {stop}")
+        return start, stop
 
     def parameters(self):
         return self.model.parameters()

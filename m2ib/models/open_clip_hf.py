@@ -388,6 +388,21 @@ class OpenClipHFAdapter(TimmImageTower, ModelAdapter):
             x = run_bert_layer(lyr, x, mask, query_index=query, record=rec)
         return self._text_head(x, ids)
 
+    def run_blocks(self, modality: str, hidden: torch.Tensor, inputs, start: int, stop: int) -> torch.Tensor:
+        start, stop = self.check_block_span(modality, start, stop)
+        rec = self._record[modality]
+        x = hidden
+        if modality == "image":
+            for blk in self.trunk.blocks[start + 1: stop + 1]:
+                x = run_timm_block(blk, x, record=rec)
+            return x
+        copies = hidden.shape[0] // len(inputs)
+        ids = inputs.ids[:, : hidden.shape[1]].repeat_interleave(copies, dim=0)
+        mask = self._key_mask(ids, x.dtype)
+        for lyr in self.bert.encoder.layer[start + 1: stop + 1]:
+            x = run_bert_layer(lyr, x, mask, record=rec)
+        return x
+
     def _text_positions(self, text: TextBatch) -> torch.Tensor:
         return text.ids[:, : self._text_len(text)] != self.pad_id
 

@@ -288,6 +288,14 @@ class OpenClipViTAdapter(OpenClipTextTower, ModelAdapter):
             x = run_block(blk, x, None, query_index=query, record=rec)
         return self._image_head(x)
 
+    def run_blocks(self, modality: str, hidden: torch.Tensor, inputs, start: int, stop: int) -> torch.Tensor:
+        start, stop = self.check_block_span(modality, start, stop)
+        mask = None if modality == "image" else self._text_mask(hidden.shape[1])
+        x = hidden
+        for blk in self._blocks(modality)[start + 1: stop + 1]:
+            x = run_block(blk, x, mask, record=self._record[modality])
+        return x
+
     def _image_head(self, x: torch.Tensor) -> torch.Tensor:
         """Image hidden state -> open_clip's pooling and final norm -> projection -> normalised."""
         pooled, _ = self.visual._pool(x)
