@@ -29,10 +29,22 @@ from m2ib.core.attributor import MODALITIES
 from m2ib.core.errors import InputError, UnsupportedError
 from m2ib.core.geometry import boxes_to_input_frame
 from m2ib.core.records import TextBatch
+from m2ib.core.registry import Registry
 
 #: The rule for models without published M2IB settings: the release's layer 9 where the tower is deep
 #: enough, else its last valid bottleneck layer (last_valid_layer); the release's beta 0.1.
 DEFAULT_M2IB_LAYER, DEFAULT_M2IB_BETA = 9, 0.1
+
+
+#: Adapter families for built open_clip models, by name: each adapter module registers its class
+#: (register_family) and the class's `serves(model)` says which built models it handles, so
+#: models.sources picks the family without a list of them: a new family is one module.
+ADAPTER_FAMILIES: Registry = Registry("adapter family", discover=("m2ib.models",))
+
+
+def register_family(cls):
+    """Class decorator: register an adapter class under its `family` name."""
+    return ADAPTER_FAMILIES.register(cls.family, cls)
 
 
 class ModelAdapter(abc.ABC):
@@ -50,6 +62,12 @@ class ModelAdapter(abc.ABC):
     resize_mode: str                # open_clip's image resize mode ('shortest', 'longest', 'squash')
     num_prefix: int = 1             # class/prefix tokens before the patch tokens of the image hidden state
     m2ib_defaults: dict             # the model's M2IB image_/text_ layer and beta (set by models.sources)
+
+    @classmethod
+    def serves(cls, model) -> bool:
+        """Whether this family handles a built open_clip `model` (families registered with
+        register_family are asked in name order; at most one may answer yes)."""
+        return False
 
     def _wrap(self, model, preprocess, tokenizer, name: str, device) -> None:
         """Common set-up: the model frozen in eval mode on `device`, its preprocessing and tokenizer."""

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from m2ib.core.errors import InputError, UnsupportedError
 from m2ib.core.records import TextBatch
-from m2ib.models.base import ModelAdapter, add_attention_parts
+from m2ib.models.base import ModelAdapter, add_attention_parts, register_family
 
 _SUPPORTED_POOLERS = ("ClsLastHiddenStatePooler", "ClsPooler", "MeanPooler")
 
@@ -115,6 +115,12 @@ def run_timm_block(block, x: torch.Tensor, query_index: Optional[int] = None,
     y = y + _layer_scale(block, 2, block.mlp(block.norm2(y)))
     add_attention_parts(record, q=q, k=k, v=v, out=heads_out, hidden=y)
     return y
+
+
+def is_timm_vit(visual) -> bool:
+    """Whether an open_clip image tower is a TimmModel around a timm ViT / Eva (patch embedding + blocks)."""
+    trunk = getattr(visual, "trunk", None)
+    return type(visual).__name__ == "TimmModel" and hasattr(trunk, "patch_embed") and hasattr(trunk, "blocks")
 
 
 class TimmImageTower:
@@ -278,10 +284,15 @@ def run_bert_layer(layer, x: torch.Tensor, add_mask: torch.Tensor, query_index: 
     return y
 
 
+@register_family
 class OpenClipHFAdapter(TimmImageTower, ModelAdapter):
     """open_clip CustomTextCLIP with a timm ViT image tower and an HF BERT text tower."""
 
     family = "open_clip_hf"
+
+    @classmethod
+    def serves(cls, model) -> bool:
+        return is_timm_vit(getattr(model, "visual", None)) and type(getattr(model, "text", None)).__name__ == "HFTextEncoder"
 
     def __init__(self, model, preprocess, tokenizer, name: str, device="cpu"):
         self._wrap(model, preprocess, tokenizer, name, device)

@@ -29,16 +29,21 @@ import torch
 import torch.nn.functional as F
 
 from m2ib.core.errors import InputError, UnsupportedError
-from m2ib.models.base import ModelAdapter
-from m2ib.models.open_clip_vit import OpenClipTextTower
+from m2ib.models.base import ModelAdapter, register_family
+from m2ib.models.open_clip_vit import OpenClipTextTower, has_open_clip_text
 
 
 #: The image layer M2IB uses when the model has no published setting: IBA's ResNet-50 position (above).
 IBA_IMAGE_LAYER = 1
 
 
+@register_family
 class OpenClipResNetAdapter(OpenClipTextTower, ModelAdapter):
     family = "open_clip_resnet"
+
+    @classmethod
+    def serves(cls, model) -> bool:
+        return type(getattr(model, "visual", None)).__name__ == "ModifiedResNet" and has_open_clip_text(model)
     num_prefix = 0
 
     def __init__(self, model, preprocess, tokenizer, name: str, device="cpu"):

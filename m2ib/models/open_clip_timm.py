@@ -18,15 +18,20 @@ from __future__ import annotations
 
 import torch
 
-from m2ib.models.base import ModelAdapter
-from m2ib.models.open_clip_hf import TimmImageTower
-from m2ib.models.open_clip_vit import OpenClipTextTower
+from m2ib.models.base import ModelAdapter, register_family
+from m2ib.models.open_clip_hf import TimmImageTower, is_timm_vit
+from m2ib.models.open_clip_vit import OpenClipTextTower, has_open_clip_text
 
 
+@register_family
 class OpenClipTimmAdapter(TimmImageTower, OpenClipTextTower, ModelAdapter):
     """open_clip CustomTextCLIP: timm ViT/Eva image tower + open_clip TextTransformer."""
 
     family = "open_clip_timm"
+
+    @classmethod
+    def serves(cls, model) -> bool:
+        return is_timm_vit(getattr(model, "visual", None)) and has_open_clip_text(model)
 
     def __init__(self, model, preprocess, tokenizer, name: str, device="cpu"):
         self._wrap(model, preprocess, tokenizer, name, device)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from m2ib.core.errors import UnsupportedError
 from m2ib.core.records import TextBatch
-from m2ib.models.base import ModelAdapter
+from m2ib.models.base import ModelAdapter, register_family
 from m2ib.models.blocks import run_block
 from m2ib.models.open_clip_hf import hf_blank_id, is_hf_tokenizer, tokenize_hf
 
@@ -80,6 +80,14 @@ def bpe_row_strings(row: Sequence[int], eot: int, decoder: dict, byte_decoder: d
 #: open_clip text_global_pool types with one pooled position: the highest token id (CLIP's EOT), the
 #: first end-of-sequence token, the first position, the last position of the full context (SigLIP).
 _TEXT_POOLS = ("argmax", "eos", "first", "last")
+
+
+def has_open_clip_text(model) -> bool:
+    """Whether a built open_clip model's text tower is open_clip's TextTransformer (CLIP keeps it inline)."""
+    text = getattr(model, "text", None)
+    if text is None:
+        return hasattr(model, "transformer")
+    return type(text).__name__ == "TextTransformer"
 
 
 class OpenClipTextTower:
@@ -236,8 +244,13 @@ class OpenClipTextTower:
         return groups + [("text.embeddings", [t.token_embedding.weight, t.positional_embedding])]
 
 
+@register_family
 class OpenClipViTAdapter(OpenClipTextTower, ModelAdapter):
     family = "open_clip_vit"
+
+    @classmethod
+    def serves(cls, model) -> bool:
+        return type(getattr(model, "visual", None)).__name__ == "VisionTransformer" and has_open_clip_text(model)
 
     def __init__(self, model, preprocess, tokenizer, name: str, device="cpu"):
         self._wrap(model, preprocess, tokenizer, name, device)

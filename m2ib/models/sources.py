@@ -278,30 +278,20 @@ _TIMM_CONVNET_MESSAGE = (
 
 
 def pick_adapter_class(model, name: str):
-    """The adapter family for a built open_clip model, or UnsupportedError naming what is missing."""
-    from open_clip.transformer import TextTransformer, VisionTransformer
-    from m2ib.models.open_clip_hf import OpenClipHFAdapter
-    from m2ib.models.open_clip_resnet import OpenClipResNetAdapter
-    from m2ib.models.open_clip_timm import OpenClipTimmAdapter
-    from m2ib.models.open_clip_vit import OpenClipViTAdapter
+    """The adapter family for a built open_clip model (the registered family whose `serves` says yes),
+    or UnsupportedError naming what is missing."""
+    from m2ib.models.base import ADAPTER_FAMILIES
+    from m2ib.models.open_clip_hf import is_timm_vit
+    serving = [ADAPTER_FAMILIES.get(f) for f in ADAPTER_FAMILIES.names() if ADAPTER_FAMILIES.get(f).serves(model)]
+    if len(serving) > 1:
+        raise RuntimeError(f"{name}: adapter families {[c.family for c in serving]} all claim this model")
+    if serving:
+        return serving[0]
     visual = getattr(model, "visual", None)
-    text = getattr(model, "text", None)
     vision_kind = type(visual).__name__
-    if text is None and hasattr(model, "transformer"):
-        text_kind = "TextTransformer"          # open_clip CLIP keeps its text modules inline
-    else:
-        text_kind = type(text).__name__
-    if isinstance(visual, VisionTransformer) and (text_kind == "TextTransformer" or isinstance(text, TextTransformer)):
-        return OpenClipViTAdapter
-    is_timm_vit = vision_kind == "TimmModel" and hasattr(getattr(visual, "trunk", None), "patch_embed") \
-        and hasattr(visual.trunk, "blocks")
-    if is_timm_vit and text_kind == "HFTextEncoder":
-        return OpenClipHFAdapter
-    if is_timm_vit and text_kind == "TextTransformer":
-        return OpenClipTimmAdapter
-    if vision_kind == "ModifiedResNet" and (text_kind == "TextTransformer" or isinstance(text, TextTransformer)):
-        return OpenClipResNetAdapter
-    if vision_kind == "TimmModel" and not is_timm_vit:
+    text = getattr(model, "text", None)
+    text_kind = "TextTransformer" if text is None and hasattr(model, "transformer") else type(text).__name__
+    if vision_kind == "TimmModel" and not is_timm_vit(visual):
         trunk = type(getattr(visual, "trunk", visual)).__name__
         raise UnsupportedError(_TIMM_CONVNET_MESSAGE.format(name=name, tower=trunk))
     raise UnsupportedError(
