@@ -71,7 +71,7 @@ bench-baselines: $(STAMP)
 	$(PYTHON) scripts/bench_baselines.py $(ARGS)
 
 ## Train the readout bottlenecks of method m2ib_readout for MODEL (default embedded; cached, a hit never
-## retrains; ARGS="--retrain" forces, ARGS="alpha=token ..." changes settings), deterministic, 1 thread, ~4 min.
+## retrains; ARGS="--retrain" forces, ARGS="image_alpha=token ..." changes settings), deterministic, 1 thread, ~4 min.
 readout: $(STAMP)
 	OMP_NUM_THREADS=1 $(PYTHON) scripts/train_readout.py --model $(MODEL) $(ARGS)
 

@@ -4,7 +4,7 @@ top-k rule, pointing game, text AP; metrics/localisation.py) with the readout's 
 M2IB's. Readouts missing from the cache are trained first (their training time is printed, not counted).
 
     python scripts/bench_readout.py                         # embedded test split, first 100 pairs, 1 thread
-    python scripts/bench_readout.py --pairs 50 alpha=token  # key=value: m2ib_readout settings
+    python scripts/bench_readout.py --pairs 50 text_alpha=channel  # key=value: m2ib_readout settings
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ and cached. --retrain trains again even when cached. Deterministic: the same mac
 give the same weights bit for bit.
 
     python scripts/train_readout.py                                   # embedded model, conf defaults
-    python scripts/train_readout.py --model tiny --retrain alpha=token image_read_layers=[0,1]
+    python scripts/train_readout.py --model tiny --retrain image_alpha=token image_read_layers=[0,1]
 """
 from __future__ import annotations
 

@@ -50,7 +50,7 @@ def test_objective_is_fit_bottlenecks_first_step(tiny_adapter, batch):
     with torch.no_grad():
         embeddings = {"image": tiny_adapter.encode_image(pixels), "text": tiny_adapter.encode_text(text)}
     for modality, inputs, other in (("image", pixels, "text"), ("text", text, "image")):
-        spec = readout_specs(tiny_adapter, {**HP, "alpha": "token"}, (modality,))[modality]
+        spec = readout_specs(tiny_adapter, {**HP, f"{modality}_alpha": "token"}, (modality,))[modality]
         net = build_net(tiny_adapter, spec)
         with torch.no_grad():
             net.layers[-1].weight.zero_()
@@ -127,7 +127,7 @@ def test_cache_hit_does_not_retrain_and_key_follows_every_setting(tiny_adapter, 
     assert all(seconds is None for _, seconds in again.values())
     assert {m: p.stat().st_mtime_ns for m, (p, _) in again.items()} == stamps
     base = readout_specs(tiny_adapter, HP)["image"].path(tiny_adapter)
-    for change in (dict(image_read_layers=[1]), dict(alpha="token"), dict(epochs=3), dict(image_beta=1.0),
+    for change in (dict(image_read_layers=[1]), dict(image_alpha="token"), dict(epochs=3), dict(image_beta=1.0),
                    dict(train_pairs=7), dict(train_seed=1), dict(image_layer=1)):
         assert readout_specs(tiny_adapter, {**HP, **change})["image"].path(tiny_adapter) != base, change
     other = tiny_adapter.copy()
@@ -143,7 +143,7 @@ def test_missing_readout_is_refused_in_one_line(tiny_adapter, cache):
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(alpha="pixel"), "alpha must be one of"),
+    (dict(text_alpha="pixel"), "text_alpha must be one of"),
     (dict(epochs=0), "epochs must be >= 1"),
     (dict(lr=-1.0), "lr must be > 0"),
     (dict(image_beta=-0.1), "image_beta must be a finite number"),

@@ -13,11 +13,11 @@ alpha is trained over a data set with the per-sample objective. Here, per modali
     Z     = lambda R + (1 - lambda) eps,  eps ~ N(0, 1)                       (M2IB Eq. 3, release noise)
     loss  = mean over pairs of  beta * mean_elements KL(lambda) - cos(f(Z), e)  (M2IB Eq. 4 and 5)
 
-h_l: the explained tower's hidden states after blocks l1..lk (ModelAdapter.prefix; a ViT's tokens all
-have the bottleneck's resolution, so nothing is resized); R: the hidden state after the M2IB layer;
+h_l: the explained tower's hidden states after blocks l1..lk, R: the one after the M2IB layer, all from
+one pass (hidden_states; a ViT's tokens all have the bottleneck's resolution, so nothing is resized);
 e: the OTHER modality's clean normalised embedding, which is both the fitting target (as in M2IB) and the
-conditioning that makes alpha pair-specific (IBA conditions on the class through its logits, which its
-readout reads as feature maps broadcast over positions); KL, the capacity, is bottleneck.capacity with
+conditioning that makes alpha pair-specific (IBA's release likewise broadcasts the readouts of fully
+connected layers over all positions); KL, the capacity, is bottleneck.capacity with
 the release estimator (raw activations, unit noise). The map is the capacity of the predicted lambda
 summed over channels, rendered and normalised exactly as per-sample M2IB's
 (ModelAdapter.hidden_to_image_map + core.maps.normalise_minmax; hidden_to_text_scores).
@@ -28,15 +28,16 @@ Choices the papers leave open, made here:
 - input standardisation: a parameter-free layer norm per token and layer (IBA standardises each
   element with data-set statistics; a per-token norm needs no estimation pass and fits any length);
 - the conditioning: e broadcast to every token plus its elementwise product with a learnt projection
-  P of the deepest read layer into the joint space (a bilinear token-caption term; three ReLU layers on
-  a plain concatenation learn the interaction far more slowly);
-- alpha per token and channel (as IBA) or per token ('alpha: token'), a hyperparameter;
+  P of the deepest read layer into the joint space (a bilinear token-caption term, which ReLU layers on
+  a concatenation could only approximate);
+- alpha per token and channel (as IBA) or per token, per modality (image_alpha, text_alpha); defaults
+  chosen on the embedded model (scripts/bench_readout.py): channel for images, token for text;
 - training: Adam, one noise draw per pair and step from a seeded generator (no copies), minibatches
   in a seeded random order, inputs recomputed from the frozen model at every step (nothing stored);
 - inference uses no noise: the map is a deterministic function of the pair, so `seeds` are unused.
 Release estimator only (M2IB's `mode: release`); `var` has no role there.
 
-Trained readouts are cached by model weights + every setting above + this file under
+Trained readouts are cached by model weights + every setting above + the training code under
 $M2IB_READOUT_CACHE (default <repo>/.cache/readout). `make readout` (scripts/train_readout.py) trains
 the missing ones (a progress bar and one log line each; a cache hit never retrains; --retrain forces);
 the Attributor only loads them and refuses a missing one in one line saying so (training needs a data
@@ -300,7 +301,7 @@ class ReadoutAttributor(Attributor):
     defaults = {
         "image_layer": None, "text_layer": None, "image_beta": None, "text_beta": None,
         "image_read_layers": None, "text_read_layers": None,
-        "alpha": "channel", "init_alpha": 5.0,
+        "image_alpha": "channel", "text_alpha": "token", "init_alpha": 5.0,
         "train_data": "embedded", "train_split": "train", "train_pairs": 3000, "epochs": 2, "batch_size": 32,
         "lr": 3e-3, "train_seed": 0,
     }
@@ -322,8 +323,9 @@ class ReadoutAttributor(Attributor):
             if value is not None and (not isinstance(value, (list, tuple)) or not value
                                       or any(isinstance(v, bool) or not isinstance(v, int) for v in value)):
                 bad(f"{key} must be a non-empty list of integers or null, got {value!r}")
-        if hp["alpha"] not in ALPHA_KINDS:
-            bad(f"alpha must be one of {ALPHA_KINDS}, got {hp['alpha']!r}")
+        for key in ("image_alpha", "text_alpha"):
+            if hp[key] not in ALPHA_KINDS:
+                bad(f"{key} must be one of {ALPHA_KINDS}, got {hp[key]!r}")
         for key in ("train_pairs", "epochs", "batch_size"):
             if hp[key] < 1:
                 bad(f"{key} must be >= 1, got {hp[key]}")
@@ -378,7 +380,7 @@ def readout_specs(adapter, hparams: dict, modalities=MODALITIES) -> dict[str, Re
         beta = settings[f"{m}_beta"] if hp[f"{m}_beta"] is None else hp[f"{m}_beta"]
         read = hp[f"{m}_read_layers"]
         read = range(layer, adapter.num_layers[m] - 1) if read is None else read
-        out[m] = ReadoutSpec(m, layer, float(beta), tuple(adapter.check_layer(m, l) for l in read), hp["alpha"],
+        out[m] = ReadoutSpec(m, layer, float(beta), tuple(adapter.check_layer(m, l) for l in read), hp[f"{m}_alpha"],
                              float(hp["init_alpha"]), hp["train_data"], hp["train_split"], hp["train_pairs"],
                              hp["epochs"], hp["batch_size"], float(hp["lr"]), hp["train_seed"])
     return out
