@@ -32,7 +32,7 @@ def train_samples():
 
 @pytest.fixture
 def trained(tiny_adapter, cache):
-    """(attributor, specs) with both readouts trained into the temporary cache."""
+    """The m2ib_readout Attributor, both readouts trained into the temporary cache."""
     ensure_readouts(tiny_adapter, HP, progress=False)
     return get_method("m2ib_readout", tiny_adapter, progress=False, **HP)
 
@@ -140,6 +140,7 @@ def test_missing_readout_is_refused_in_one_line(tiny_adapter, cache):
     with pytest.raises(InputError, match=r"no trained image readout .*make readout") as err:
         get_method("m2ib_readout", tiny_adapter, modalities=["image"], **HP)
     assert "\n" not in str(err.value)
+    assert 'image_layer=0 text_layer=0 train_split=test train_pairs=6 batch_size=3 lr=0.01"' in str(err.value)
 
 
 @pytest.mark.parametrize("change, match", [

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import logging
 import os
 import re
@@ -271,12 +272,14 @@ def train_and_cache(adapter, spec: ReadoutSpec, samples, root: Optional[Path] = 
     return path
 
 
-def load_readout(adapter, spec: ReadoutSpec, path: Path) -> ReadoutNet:
-    """The cached readout at `path`, or a one-line refusal saying how to train it."""
+def load_readout(adapter, spec: ReadoutSpec, path: Path, changed: str = "") -> ReadoutNet:
+    """The cached readout at `path`, or a one-line refusal saying how to train it (`changed`: the
+    settings that differ from the defaults, as key=value words)."""
     if not path.is_file():
+        args = f' ARGS="{changed}"' if changed else ""
         raise InputError(f"m2ib_readout: no trained {spec.modality} readout for model {adapter.name} with these "
-                         f"settings ({path}); train it with `make readout` (scripts/train_readout.py, same "
-                         f"model and method.m2ib_readout.* settings)")
+                         f"settings ({path}); train it with `make readout MODEL=<its conf/model name>{args}` "
+                         f"(scripts/train_readout.py)")
     net = build_net(adapter, spec)
     net.load_state_dict(torch.load(path, map_location=adapter.device, weights_only=True)["state"])
     return net.eval().requires_grad_(False)
@@ -337,7 +340,9 @@ class ReadoutAttributor(Attributor):
     def setup(self) -> None:
         self.specs = readout_specs(self.adapter, self.hparams, self.modalities)
         self.paths = {m: s.path(self.adapter) for m, s in self.specs.items()}
-        self.nets = {m: load_readout(self.adapter, s, self.paths[m]) for m, s in self.specs.items()}
+        changed = " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}"
+                           for k, v in self.hparams.items() if k in self.defaults and v != self.defaults[k])
+        self.nets = {m: load_readout(self.adapter, s, self.paths[m], changed) for m, s in self.specs.items()}
 
     def identity(self) -> dict:
         return {**super().identity(), **{f"{m}_readout": p.name for m, p in self.paths.items()}}
