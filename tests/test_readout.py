@@ -166,3 +166,35 @@ def test_train_and_cache_writes_what_the_attributor_loads(tiny_adapter, cache, t
     assert att.paths["text"] == path and att.identity()["text_readout"] == path.name
     net, _ = train_readout(tiny_adapter, spec, train_samples, progress=False)
     assert all(torch.equal(x, y) for x, y in zip(att.nets["text"].state_dict().values(), net.state_dict().values()))
+
+
+@pytest.fixture(scope="module")
+def hf_adapter(tmp_path_factory):
+    """The tiny timm ViT + HF BERT model (another adapter family: BERT pools [CLS], no causal mask)."""
+    import open_clip
+    from m2ib.models.sources import load_adapter
+    from tiny_models import write_tiny_hf_model
+    open_clip.add_model_config(write_tiny_hf_model(tmp_path_factory.mktemp("tiny_hf_readout"),
+                                                   name="m2ib-readout-timm-bert"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        return load_adapter("m2ib-readout-timm-bert", pretrained=None, seed=0)
+
+
+def test_other_adapter_family(hf_adapter, pairs, cache, train_samples):
+    """Train, cache and explain on the timm + BERT towers: one-pass states equal prefix(), the map is the
+    capacity of the readout's alpha."""
+    pixels, text = hf_adapter.preprocess(pairs[0]), hf_adapter.tokenize(pairs[1])
+    for modality, inputs in (("image", pixels), ("text", text)):
+        states = hidden_states(hf_adapter, modality, inputs, [0, 1])
+        for layer, state in states.items():     # tolerance: as in test_one_pass_hidden_states_equal_prefix
+            torch.testing.assert_close(state, hf_adapter.prefix(modality, inputs, layer), rtol=1e-5, atol=1e-5)
+    for spec in readout_specs(hf_adapter, HP).values():
+        train_and_cache(hf_adapter, spec, train_samples, progress=False)
+    method = get_method("m2ib_readout", hf_adapter, progress=False, **HP)
+    att = method.attribute(pixels, text, SEEDS)
+    feats, _ = method.pair_features(pixels, text)
+    with torch.no_grad():
+        cap = {m: (capacity(lambdas(method.nets[m], f), f.hidden) * f.valid[..., None]).sum(-1) for m, f in feats.items()}
+    assert torch.equal(att.image, normalise_minmax(hf_adapter.hidden_to_image_map(cap["image"])))
+    assert torch.equal(att.text, hf_adapter.hidden_to_text_scores(cap["text"], text) * att.token_mask)
