@@ -198,3 +198,10 @@ def test_other_adapter_family(hf_adapter, pairs, cache, train_samples):
         cap = {m: (capacity(lambdas(method.nets[m], f), f.hidden) * f.valid[..., None]).sum(-1) for m, f in feats.items()}
     assert torch.equal(att.image, normalise_minmax(hf_adapter.hidden_to_image_map(cap["image"])))
     assert torch.equal(att.text, hf_adapter.hidden_to_text_scores(cap["text"], text) * att.token_mask)
+
+
+def test_hidden_states_without_per_block_records(tiny_adapter, batch, monkeypatch):
+    """Adapters that do not report per-block outputs get one prefix() per layer (the same tensors)."""
+    monkeypatch.setattr(tiny_adapter, "supports_attention_parts", False)
+    states = hidden_states(tiny_adapter, "image", batch[0], [0, 1])
+    assert all(torch.equal(s, tiny_adapter.prefix("image", batch[0], l)) for l, s in states.items())
