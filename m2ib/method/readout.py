@@ -101,7 +101,7 @@ class ReadoutSpec:
         h.update(repr(source.identity() if source is not None else adapter.name).encode())
         for name, tensor in sorted(adapter.model.state_dict().items()):
             h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())   # any dtype
         h.update(repr(sorted(asdict(self).items())).encode())
         for fn in training_code():
             h.update(inspect.getsource(fn).encode())
