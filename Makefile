@@ -15,7 +15,7 @@ PUBLISH := $(RUN) publish=true $(if $(ALLOW_DIRTY),allow_dirty=true)
 SWEEP_DIRTY := $(if $(ALLOW_DIRTY),--allow-dirty)
 
 .PHONY: install browser test reproduce-table1 reproduce-table2 reproduce-table3 reproduce-sanity reproduce-sweep sweep regression \
-        regression-reference bench bench-baselines embedded-model clean
+        regression-reference bench bench-baselines bench-readout readout embedded-model clean
 
 install: $(STAMP)
 
@@ -73,6 +73,15 @@ bench: $(STAMP)
 
 bench-baselines: $(STAMP)
 	$(PYTHON) scripts/bench_baselines.py $(ARGS)
+
+## Train the readout bottlenecks of method m2ib_readout for MODEL (default embedded; cached, a hit never
+## retrains; ARGS="--retrain" forces, ARGS="image_alpha=token ..." changes settings), deterministic, 1 thread, ~4 min.
+readout: $(STAMP)
+	OMP_NUM_THREADS=1 $(PYTHON) scripts/train_readout.py --model $(MODEL) $(ARGS)
+
+## Readout vs per-sample M2IB in one run: pairs/s ratio and image IoU fraction (first 100 embedded test pairs).
+bench-readout: $(STAMP)
+	OMP_NUM_THREADS=1 $(PYTHON) scripts/bench_readout.py --model $(MODEL) $(ARGS)
 
 ## Retrain the embedded benchmark's small CLIP (deterministic, CPU, ~15 min) and rewrite its assets.
 embedded-model: $(STAMP)

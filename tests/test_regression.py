@@ -27,6 +27,11 @@ from m2ib.pipeline.regression import BOUNDS, CELL_PROBLEMS, check_against_refere
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: Registered methods that need a trained artifact before they can run, left out of the CI regression set
+#: on purpose: m2ib_readout needs `make readout` (the embedded training split, ~5 min to generate, plus
+#: ~1 min of training); tests/test_readout.py covers it on a readout trained in the test.
+NEEDS_TRAINING = {"m2ib_readout"}
+
 
 def regression_config(tmp_path, overrides=(), methods=None):
     """The composed regression config, writing nothing, with an empty cache under tmp_path (so every
@@ -77,7 +82,7 @@ def drift_from_reference(table, reference, methods=None):
 def test_metrics_match_committed_reference(fresh):
     cfg, result = fresh
     table = result["table"]
-    assert set(table["method"]) == set(available_methods())        # every registered method is covered
+    assert set(table["method"]) == set(available_methods()) - NEEDS_TRAINING   # every other registered method
     for v in values(cfg):
         assert {v, f"{v}_ci_low", f"{v}_ci_high", f"{v}_n"} <= set(table.columns)
     tol = cfg["regression"]
@@ -111,7 +116,7 @@ def test_a_changed_bootstrap_level_is_caught(reference, monkeypatch):
     assert all(c.endswith(BOUNDS) for c in drift["column"])        # only the bounds moved, not the means
     flagged = {c.rsplit("_ci_", 1)[0] for c in drift["column"]}
     assert flagged == set(values(cfg))                             # every metric's interval is caught
-    assert set(drift["method"]) == set(available_methods())
+    assert set(drift["method"]) == set(available_methods()) - NEEDS_TRAINING
 
 
 def test_a_10_percent_change_of_m2ib_beta_is_caught(reference, tmp_path):
