@@ -1,10 +1,8 @@
 """Multi-layer M2IB (CoIBA-style shared damping ratio, m2ib/method/bottleneck.py (B3)): one listed layer is
 single-layer M2IB bit for bit, several layers match a plain restatement, runs repeat, bad lists are refused
 in one line, and adapter.run_blocks continues a hidden state like prefix() does."""
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from m2ib.api import explain
 from m2ib.core.errors import InputError

@@ -14,6 +14,7 @@ from PIL import Image
 from m2ib.core.attributor import available_methods, get_method
 from m2ib.core.errors import UnsupportedError
 from m2ib.core.maps import normalise_minmax
+from m2ib.pipeline.readout import ensure_readouts
 from tiny_models import TINY_FAMILIES
 
 METHODS = available_methods()
@@ -21,7 +22,9 @@ FAMILIES = list(TINY_FAMILIES)
 # Small settings so each call takes well under a second on the tiny models.
 FAST = {"m2ib": {"steps": 3, "copies": 2}, "rise": {"n_masks": 32, "batch_size": 32},
         "kernel_shap": {"n_samples": 24, "n_segments": 8}, "integrated_gradients": {"n_steps": 4},
-        "occlusion": {"batch_size": 64}}
+        "occlusion": {"batch_size": 64},
+        # m2ib_readout needs a trained readout per model: trained on 4 embedded test pairs (see `adapters`)
+        "m2ib_readout": {"train_split": "test", "train_pairs": 4, "epochs": 1, "batch_size": 2}}
 #: Image maps that by construction ignore the caption (attention of the image tower alone; the random
 #: control). Every other method explains the pair's similarity, so the caption must steer its image map.
 TEXT_BLIND = {"raw_attention", "rollout", "random"}
@@ -34,7 +37,8 @@ ATTENTION_METHODS = {"raw_attention", "rollout", "chefer", "grad_eclip", "legrad
 #:   (raw attention, rollout, Chefer, FastIG) or query (Grad-ECLIP) could be read. LeGrad is served: it
 #:   only needs each block's hidden state sent through the tower's own head (embed_hidden).
 #: The text towers of both still serve every method (test_expected_refusal).
-EXPECTED_REFUSALS = ({(m, "open_clip_resnet") for m in ATTENTION_METHODS}
+#: - m2ib_readout on open_clip_resnet: the stages it reads by default have different token grids.
+EXPECTED_REFUSALS = ({(m, "open_clip_resnet") for m in ATTENTION_METHODS | {"m2ib_readout"}}
                      | {(m, "open_clip_timm-siglip") for m in ATTENTION_METHODS - {"legrad"}})
 CAPTIONS = ["a red circle", "the large green square"]   # words of the tiny BERT vocabulary too
 SEEDS = [7, 7]
@@ -44,7 +48,15 @@ SERVED = [c for c in CELLS if c not in EXPECTED_REFUSALS]
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
-    return {f: build(tmp_path_factory.mktemp(f)) for f, build in TINY_FAMILIES.items()}
+    """The tiny model of every family, with m2ib_readout's readouts trained for it into a temporary cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("M2IB_READOUT_CACHE", str(tmp_path_factory.mktemp("readout")))
+        built = {f: build(tmp_path_factory.mktemp(f)) for f, build in TINY_FAMILIES.items()}
+        for family, adapter in built.items():
+            for modality in ("image", "text"):
+                if ("m2ib_readout", family) not in EXPECTED_REFUSALS or modality == "text":
+                    ensure_readouts(adapter, FAST["m2ib_readout"], [modality], progress=False)
+        yield built
 
 
 @pytest.fixture(scope="module")

@@ -58,11 +58,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from m2ib.core.attributor import MODALITIES, Attributor, register_method
-from m2ib.core.errors import InputError
+from m2ib.core.errors import InputError, UnsupportedError
 from m2ib.core.maps import normalise_minmax
+from m2ib.core.progress import progress_bar
 from m2ib.core.records import TextBatch
 from m2ib.core.seeds import generator
 from m2ib.method.bottleneck import capacity
@@ -171,9 +171,12 @@ def hidden_states(adapter, modality: str, inputs, layers) -> dict[int, torch.Ten
     layers = sorted(set(layers))
     with torch.no_grad():
         if adapter.supports_attention_parts:
-            with adapter.record_attention(modality, parts=True) as record:
-                adapter.prefix(modality, inputs, layers[-1])
-            return {l: record.parts[l]["hidden"].float() for l in layers}
+            try:
+                with adapter.record_attention(modality, parts=True) as record:
+                    adapter.prefix(modality, inputs, layers[-1])
+                return {l: record.parts[l]["hidden"].float() for l in layers}
+            except UnsupportedError:
+                pass        # this tower reports no blocks (e.g. a ResNet image tower): one prefix() per layer
         return {l: adapter.prefix(modality, inputs, l).float() for l in layers}
 
 
@@ -233,8 +236,8 @@ def train_readout(adapter, spec: ReadoutSpec, samples, progress: bool = True) ->
     opt = torch.optim.Adam(net.parameters(), lr=spec.lr)
     g = generator(spec.train_seed)
     steps_per_epoch = -(-len(samples) // spec.batch_size)
-    bar = tqdm(total=spec.epochs * steps_per_epoch, desc=f"readout {spec.modality}", unit="step",
-               disable=not progress)
+    bar = progress_bar(total=spec.epochs * steps_per_epoch, desc=f"readout {spec.modality}", unit="step",
+                       enabled=progress)
     history = []
     for _ in range(spec.epochs):
         order, total = torch.randperm(len(samples), generator=g).tolist(), 0.0
@@ -384,8 +387,21 @@ def readout_specs(adapter, hparams: dict, modalities=MODALITIES) -> dict[str, Re
         layer = adapter.check_layer(m, settings[f"{m}_layer"] if hp[f"{m}_layer"] is None else hp[f"{m}_layer"])
         beta = settings[f"{m}_beta"] if hp[f"{m}_beta"] is None else hp[f"{m}_beta"]
         read = hp[f"{m}_read_layers"]
-        read = range(layer, adapter.num_layers[m] - 1) if read is None else read
+        read = range(layer, adapter.last_valid_layer(m) + 1) if read is None else read
+        _check_same_shapes(adapter, m, [layer, *read])
         out[m] = ReadoutSpec(m, layer, float(beta), tuple(adapter.check_layer(m, l) for l in read), hp[f"{m}_alpha"],
                              float(hp["init_alpha"]), hp["train_data"], hp["train_split"], hp["train_pairs"],
                              hp["epochs"], hp["batch_size"], float(hp["lr"]), hp["train_seed"])
     return out
+
+
+def _check_same_shapes(adapter, modality: str, layers) -> None:
+    """The bottleneck and read layers must have one token grid (read per token together); refuse
+    towers whose layers differ (ResNet stages) in one line, on a one-input probe."""
+    with torch.no_grad():
+        shapes = {l: tuple(adapter.prefix(modality, _probe(adapter, modality), l).shape[1:]) for l in sorted(set(layers))}
+    if len(set(shapes.values())) > 1:
+        raise UnsupportedError(
+            f"m2ib_readout: the {modality} layers {sorted(shapes)} of model {adapter.name} have different shapes "
+            f"{sorted(set(shapes.values()))} (e.g. ResNet stages), so a readout cannot read them per token "
+            f"together; read the bottleneck layer alone: {modality}_layer=L {modality}_read_layers=[L]")
