@@ -30,7 +30,9 @@ from m2ib.core.errors import UnsupportedError
 
 @register_method("fastig")
 class FastIGMap(_AttentionBaseline):
-    """mean over heads of (dA * A) of the last block, pooled token's row (module docstring)."""
+    """FastIG as NIB's benchmark runs it: the last block's attention x its gradient, pooled token's row.
+
+    Averaged over heads (module docstring: equations and open choices)."""
 
     needs_grad = True
 

@@ -62,7 +62,9 @@ def minmax_over(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 @register_method("grad_eclip")
 class GradECLIP(Baseline):
-    """Grad-ECLIP image and text maps (module docstring: equations and open choices)."""
+    """Grad-ECLIP (Zhao et al., ICML 2024): gradient channel weights x loosened attention x values, ReLU.
+
+    Image and text maps (module docstring: equations and open choices)."""
 
     defaults = {"image_layers": 1, "text_layers": 8, "variant": "paper"}
 

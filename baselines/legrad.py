@@ -54,7 +54,9 @@ from m2ib.core.maps import normalise_minmax
 
 @register_method("legrad")
 class LeGrad(Baseline):
-    """LeGrad image (and text) maps (module docstring: equations and open choices)."""
+    """LeGrad (Bousselham et al., ICCV 2025): gradients of every block's own score w.r.t. its attention map.
+
+    Image (and text) maps (module docstring: equations and open choices)."""
 
     defaults = {"start_layer": 0, "variant": "paper"}
 

@@ -66,7 +66,9 @@ def boundary_attribution(score, x0: torch.Tensor, steps: int, step: torch.Tensor
 
 @register_method("mfaba")
 class MFABAMap(Baseline):
-    """MFABA (module docstring). Hyperparameters: steps (10), image_step (0.01 in [0, 1] intensity
+    """MFABA (Zhu et al., AAAI 2024): credit along sign-gradient steps that lower the similarity.
+
+    Module docstring: equations and open choices. Hyperparameters: steps (10), image_step (0.01 in [0, 1] intensity
     units), text_step (0.01 in token-embedding units)."""
 
     defaults = {"steps": 10, "image_step": 0.01, "text_step": 0.01}

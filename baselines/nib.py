@@ -83,8 +83,10 @@ def narrowing_attribution(adapter, modality: str, inputs, target: torch.Tensor, 
 
 @register_method("nib")
 class NarrowingBottleneck(Attributor):
-    """NIB (module docstring). Hyperparameters: image_layer / text_layer (null: the model's M2IB layer),
-    release_layers (false; true: the layer is read as the release's target_layer, the hidden state
+    """NIB (Zhu et al., ICLR 2025): M2IB's bottleneck without noise, narrowed from 0 to 1 (IG on layer l).
+
+    Module docstring: equations and open choices. Hyperparameters: image_layer / text_layer (null: the
+    model's M2IB layer), release_layers (false; true: the layer is read as the release's target_layer, the hidden state
     entering that block, i.e. layer - 1 here), steps (10)."""
 
     defaults = {"image_layer": None, "text_layer": None, "release_layers": False, "steps": 10}

@@ -297,7 +297,9 @@ def training_code() -> tuple:
 # ---- the Attributor -----------------------------------------------------------------------------------------
 @register_method("m2ib_readout")
 class ReadoutAttributor(Attributor):
-    """M2IB with alpha predicted by a trained readout (module docstring). Layers and betas left None are
+    """Readout M2IB (IBA's readout bottleneck): alpha predicted in one pass by a network trained per model.
+
+    Module docstring: the network and its training. Layers and betas left None are
     the model's M2IB settings; read layers left None run from the M2IB layer to the last valid layer.
     image: capacity summed over channels, class token dropped, bilinearly upsampled, min-max normalised;
     text: capacity per token (nats), SOT/EOT/padding zeroed; raw capacities in meta like M2IB's.
