@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 ## Headless chromium for the HTML report's browser test (Debian's package; installed once, needs root or sudo).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 browser:
-	@command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
+	@command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium)
 
 ## The test suite (CI runs exactly this through .ci/run).
 test: $(STAMP) browser

@@ -78,8 +78,9 @@ class GradECLIP(Baseline):
     def _values(self, modality, pixels, text):
         """(B, N) ReLU'd Grad-ECLIP values on the positions of the tower's hidden state."""
         inputs = pixels if modality == "image" else text
+        pooled = require_pooled_position(self.adapter, modality, inputs, self.name)   # refuse before the forward
         score, _, parts = record_similarity(self, modality, pixels, text, grad=True, parts=True)
-        pooled = require_pooled_position(self.adapter, modality, inputs, self.name).to(score.device)
+        pooled = pooled.to(score.device)
         used = parts[-min(self.hparams[f"{modality}_layers"], len(parts)):]
         grads = torch.autograd.grad(score.sum(), [p["out"] for p in used])
         valid = self.adapter.token_positions(modality, inputs).to(score.device)

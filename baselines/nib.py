@@ -55,10 +55,12 @@ Choices the paper leaves open, and ours
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from baselines.base import image_embedding, positive_int, text_embedding
 from m2ib.core.attributor import MODALITIES, Attributor, register_method
+from m2ib.core.errors import InputError
 from m2ib.core.maps import normalise_minmax
 
 
@@ -101,7 +103,10 @@ class NarrowingBottleneck(Attributor):
         for m in MODALITIES:
             given = self.hparams[f"{m}_layer"]
             layer = own[f"{m}_layer"] if given is None else given
-            if self.hparams["release_layers"] and isinstance(layer, int):
+            if self.hparams["release_layers"] and isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
+                if layer == 0 and m in self.modalities:
+                    raise InputError(f"method 'nib': release_layers reads the input of block l, and {m} layer 0's "
+                                     "input is the embedding, not a block output; use layer >= 1 or release_layers=false")
                 layer -= 1
             self.layers[m] = self.adapter.check_layer(m, layer) if m in self.modalities else layer
 

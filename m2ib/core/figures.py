@@ -103,7 +103,7 @@ class PairView:
             pairs = att.word_scores(row)
             words, scores = [w for w, _ in pairs], _minmax(np.array([s for _, s in pairs]))
         return cls(image if image is not None else sample.image,
-                   boxes if boxes is not None else (sample.boxes if sample is not None else ()),
+                   boxes if boxes is not None else (sample.boxes if sample is not None and image is None else ()),
                    sample.caption if sample is not None else None, sample.id if sample is not None else str(row),
                    frame, heat, words, scores)
 
@@ -276,14 +276,6 @@ def method_grid(attributions, rows: Optional[Sequence[int]] = None, *, cmap=CMAP
 
 
 # ---- fast thumbnails (no matplotlib: the HTML report draws thousands) ------------------------------
-def overlay_thumbnail(att, row: int, size: int = 96, *, cmap=CMAP, alpha: float = 0.5, image=None, boxes=None,
-                      frame=None, with_map: bool = True) -> Image.Image:
-    """The same picture as draw_image as a small RGB PIL image (longest side `size`): the map over the
-    original, the unseen part greyed with stripes, true boxes in white."""
-    pair = PairView.of(att, row, image, boxes, frame)
-    return thumbnail_of(pair, size, cmap, alpha, with_map)
-
-
 def thumbnail_of(pair: PairView, size: int, cmap=CMAP, alpha: float = 0.5, with_map: bool = True) -> Image.Image:
     w, h = pair.size
     scale = size / max(w, h)

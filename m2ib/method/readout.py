@@ -38,10 +38,11 @@ Choices the papers leave open, made here:
 Release estimator only (M2IB's `mode: release`); `var` has no role there.
 
 Trained readouts are cached by model weights + every setting above + the training code under
-$M2IB_READOUT_CACHE (default <repo>/.cache/readout). `make readout` (scripts/train_readout.py) trains
-the missing ones (a progress bar and one log line each; a cache hit never retrains; --retrain forces);
-the Attributor only loads them and refuses a missing one in one line saying so (training needs a data
-set, and the method layer may not import m2ib.data).
+$M2IB_READOUT_CACHE (default: the checkout's .cache/readout, or ~/.cache/m2ib-bench/readout for an
+installed copy). `make readout` (scripts/train_readout.py) trains the missing ones (a progress bar and one
+log line each; a cache hit never retrains; --retrain forces); the Attributor only loads them and refuses a
+missing one in one line saying so: training takes minutes and a training split, which an attribution call
+should never start silently.
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ from torch import nn
 from m2ib.core.attributor import MODALITIES, Attributor, register_method
 from m2ib.core.errors import InputError, UnsupportedError
 from m2ib.core.maps import normalise_minmax
+from m2ib.core.paths import source_checkout, user_cache_dir
 from m2ib.core.progress import progress_bar
 from m2ib.core.records import TextBatch
 from m2ib.core.seeds import generator
@@ -69,11 +71,13 @@ from m2ib.method.bottleneck import capacity
 
 log = logging.getLogger(__name__)
 ALPHA_KINDS = ("channel", "token")
-_ROOT = Path(__file__).resolve().parents[2]
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("M2IB_READOUT_CACHE", _ROOT / ".cache" / "readout"))
+    """$M2IB_READOUT_CACHE, else the checkout's .cache/readout, else the user cache (installed copy)."""
+    checkout = source_checkout()
+    default = checkout / ".cache" / "readout" if checkout is not None else user_cache_dir("readout")
+    return Path(os.environ.get("M2IB_READOUT_CACHE", default))
 
 
 @dataclass(frozen=True)
@@ -304,7 +308,7 @@ class ReadoutAttributor(Attributor):
     image: capacity summed over channels, class token dropped, bilinearly upsampled, min-max normalised;
     text: capacity per token (nats), SOT/EOT/padding zeroed; raw capacities in meta like M2IB's.
     A readout that is not trained yet is refused in one line (train it with `make readout`): training
-    needs a data set, which the method layer does not load."""
+    takes minutes and a training split, which an attribution call should not start silently."""
 
     defaults = {
         "image_layer": None, "text_layer": None, "image_beta": None, "text_beta": None,

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from tqdm.auto import tqdm
 
 from m2ib.core.errors import InputError
+from m2ib.core.progress import progress_bar
 from m2ib.data.registry import load_dataset, loader_params
 
 MIN_STD = 0.01              # IBA's default min_std
@@ -127,8 +127,8 @@ def estimate_stats(adapter, modality: str, layer: int, samples, progress: bool =
     if len(samples) < 2:
         raise InputError(f"m2ib stats need at least 2 samples, the stats data has {len(samples)}")
     acc = Welford()
-    bar = tqdm(total=len(samples), desc=f"layer statistics {modality}/{layer}", unit="pair",
-               disable=not progress, leave=False)
+    bar = progress_bar(total=len(samples), desc=f"layer statistics {modality}/{layer}", unit="pair",
+                       enabled=progress)
     with torch.no_grad():
         for start in range(0, len(samples), BATCH_SIZE):
             chunk = samples[start:start + BATCH_SIZE]

@@ -405,7 +405,7 @@ class OpenClipHFAdapter(TimmImageTower, ModelAdapter):
         x = hidden
         if modality == "image":
             for blk in self.trunk.blocks[start + 1: stop + 1]:
-                x = run_timm_block(blk, x, record=rec)
+                x = run_timm_block(blk, x, record=rec, rope=self._rope)     # EVA: rotary embedding per block
             return x
         copies = hidden.shape[0] // len(inputs)
         ids = inputs.ids[:, : hidden.shape[1]].repeat_interleave(copies, dim=0)

@@ -1,5 +1,6 @@
 """Training the readouts of method m2ib_readout where they are missing: the pipeline layer loads the
-training pairs (the method layer may not import m2ib.data) and m2ib.method.readout trains and caches."""
+training pairs from the readout's config (conf/ of the checkout or of the installed copy) and
+m2ib.method.readout trains and caches."""
 from __future__ import annotations
 
 import time
@@ -9,11 +10,12 @@ import yaml
 
 from m2ib.core.attributor import MODALITIES
 from m2ib.core.errors import InputError
+from m2ib.core.paths import config_dir
 from m2ib.data.registry import load_dataset
 from m2ib.method.readout import readout_specs, train_and_cache
 from m2ib.pipeline.experiment import build_adapter
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = config_dir()
 
 
 def conf_hparams(overrides=()) -> dict:

@@ -182,7 +182,7 @@ def write_report(path, *, title: str, samples: Sequence, inputs: Sequence[dict],
         provenance=_provenance_html(meta), figures=figure_html or "<p>(no curves in this run)</p>",
         head="".join(f"<th>{html.escape(m)}</th>" for m in methods), rows="".join(grid_rows),
         metric_options=options, method_options=method_options, n_pairs=len(ids),
-        data=json.dumps(data).replace("</", "<\\/"), style=_STYLE + shade_css(), script=_SCRIPT)
+        data=json.dumps(data).replace("<", "\\u003c"), style=_STYLE + shade_css(), script=_SCRIPT)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
