@@ -312,7 +312,6 @@ def fit_bottleneck(adapter, modality: str, inputs, target: torch.Tensor, hp: Mod
     alpha = torch.full((B, N, width), float(hp.init_alpha), device=hidden.device, requires_grad=True)
     opt = torch.optim.Adam([alpha], lr=hp.lr)
     target_rep = target.detach().float().repeat_interleave(hp.copies, 0)
-    n_elem = valid.sum(1).float() * C     # elements per pair: the compression term is their MEAN
     use_amp = amp and hidden.device.type == "cuda"
     for _ in range(hp.steps):
         lam = torch.sigmoid(alpha)
@@ -324,13 +323,21 @@ def fit_bottleneck(adapter, modality: str, inputs, target: torch.Tensor, hp: Mod
                 r_next = h if m is None else (h - m[:, None]) / s[:, None]
                 z = _inject(lam, r_next, valid, (m, s, v), generators, hp.copies, lengths)
             emb = adapter.suffix(modality, z, inputs, layers[-1])
-        fitting = (emb.float() * target_rep).sum(-1).reshape(B, hp.copies).mean(1)
-        compression = kl.sum((1, 2)) / n_elem
+        compression, fitting = loss_terms(emb, target_rep, kl, valid, hp.copies)
         loss = (hp.beta * compression - fitting).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return BottleneckResult(kl.detach().sum(-1), fitting.detach(), compression.detach())
+
+
+def loss_terms(emb, target_rep, kl, valid, copies: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """M2IB's two terms per pair, (compression (B,), fitting (B,)): compression = the MEAN capacity over the
+    pair's real elements (kl (B, N, C), zero elsewhere); fitting = the cosine of the bottlenecked embeddings
+    emb (B * copies, D) with the other modality's (target_rep, repeated per copy), averaged over the copies."""
+    fitting = (emb.float() * target_rep).sum(-1).reshape(-1, copies).mean(1)
+    compression = kl.sum((1, 2)) / (valid.sum(1).float() * kl.shape[-1])
+    return compression, fitting
 
 
 def _inject(lam, r, valid, est, generators, copies: int, lengths) -> torch.Tensor:

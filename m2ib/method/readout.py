@@ -67,7 +67,8 @@ from m2ib.core.paths import source_checkout, user_cache_dir
 from m2ib.core.progress import progress_bar
 from m2ib.core.records import TextBatch
 from m2ib.core.seeds import generator
-from m2ib.method.bottleneck import capacity
+from m2ib.method.bottleneck import capacity, loss_terms
+from m2ib.method.stats import weights_digest
 
 log = logging.getLogger(__name__)
 ALPHA_KINDS = ("channel", "token")
@@ -103,9 +104,7 @@ class ReadoutSpec:
         h = hashlib.sha256()
         source = getattr(adapter, "source", None)
         h.update(repr(source.identity() if source is not None else adapter.name).encode())
-        for name, tensor in sorted(adapter.model.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())   # any dtype
+        h.update(weights_digest(adapter).encode())
         h.update(repr(sorted(asdict(self).items())).encode())
         for fn in training_code():
             h.update(inspect.getsource(fn).encode())
@@ -215,9 +214,7 @@ def objective(adapter, spec: ReadoutSpec, inputs, feats: Features, lam: torch.Te
     z = (lam * r)[:, None] + (1 - lam)[:, None] * noise
     z = torch.where(valid[:, None, :, None], z, r[:, None]).reshape(B * K, N, C)
     emb = adapter.suffix(spec.modality, z, inputs, spec.layer)
-    fitting = (emb.float() * feats.other.repeat_interleave(K, 0)).sum(-1).reshape(B, K).mean(1)
-    compression = kl.sum((1, 2)) / (valid.sum(1).float() * C)
-    return compression, fitting
+    return loss_terms(emb, feats.other.repeat_interleave(K, 0), kl, valid, K)
 
 
 # ---- training and the cache ---------------------------------------------------------------------------------
@@ -295,7 +292,7 @@ def load_readout(adapter, spec: ReadoutSpec, path: Path, changed: str = "") -> R
 def training_code() -> tuple:
     """What a trained readout's weights depend on besides its spec: editing any of these retrains."""
     return (ReadoutNet, build_net, hidden_states, features, lambdas, objective, _batch_inputs, train_readout,
-            capacity)
+            capacity, loss_terms)
 
 
 # ---- the Attributor -----------------------------------------------------------------------------------------
