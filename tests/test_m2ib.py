@@ -27,11 +27,16 @@ def test_fast_path_reproduces_reference_with_same_noise(tiny_adapter, pairs):
     cfg = M2IBConfig.from_kwargs(**HP).with_model_defaults(a.default_m2ib_settings())
     seeds = [11, 12, 13]
     fast = M2IBAttributor(a, cfg).attribute(px, tb, seeds)
+    assert_matches_reference(a, px, tb, fast, cfg, seeds)
+
+
+def assert_matches_reference(adapter, px, tb, fast, cfg, seeds):
+    """Each pair's capacities of `fast` equal the plain reference (m2ib.method.reference) on the same noise.
+    float32 rounding differs between the two forwards (fused vs written-out attention, cut text); relative
+    1e-4 of the largest capacity is ~100x the observed difference."""
     for i, seed in enumerate(seeds):
-        ref = reference_pair(a.model, px[i:i + 1], tb.ids[i:i + 1], int(tb.eot[i]), cfg, seed)
+        ref = reference_pair(adapter.model, px[i:i + 1], tb.ids[i:i + 1], int(tb.eot[i]), cfg, seed)
         n_txt = int(tb.eot[i]) + 1
-        # float32 rounding differs between the two forwards (fused vs written-out attention, cut
-        # text); relative 1e-4 of the largest capacity is ~100x the observed difference.
         torch.testing.assert_close(fast.meta["image_capacity"][i], ref["image"], rtol=1e-4,
                                    atol=1e-4 * float(ref["image"].abs().max()))
         torch.testing.assert_close(fast.meta["text_capacity"][i][:n_txt], ref["text"], rtol=1e-4,

@@ -7,8 +7,8 @@ import torch
 from m2ib.api import explain
 from m2ib.core.errors import InputError
 from m2ib.method import M2IBAttributor, M2IBConfig
-from m2ib.method.reference import reference_pair
 from m2ib.models.base import ModelAdapter
+from test_m2ib import assert_matches_reference
 from test_models_hf import _build
 
 HP = dict(steps=4, copies=3)
@@ -32,14 +32,7 @@ def test_several_layers_match_plain_restatement(tiny_adapter, pairs, ratio):
     single = M2IBAttributor(a, layer=0, ratio=ratio, **HP).attribute(px, tb, seeds)
     # not vacuous: the second bottleneck changes the first layer's capacity through the shared alpha
     assert not torch.allclose(fast.meta["image_capacity"], single.meta["image_capacity"], rtol=1e-3)
-    for i, seed in enumerate(seeds):
-        ref = reference_pair(a.model, px[i:i + 1], tb.ids[i:i + 1], int(tb.eot[i]), cfg, seed)
-        n_txt = int(tb.eot[i]) + 1
-        # tolerance as test_m2ib's reference test (fused vs written-out attention rounding)
-        torch.testing.assert_close(fast.meta["image_capacity"][i], ref["image"], rtol=1e-4,
-                                   atol=1e-4 * float(ref["image"].abs().max()))
-        torch.testing.assert_close(fast.meta["text_capacity"][i][:n_txt], ref["text"], rtol=1e-4,
-                                   atol=1e-4 * float(ref["text"].abs().max()))
+    assert_matches_reference(a, px, tb, fast, cfg, seeds)
 
 
 def test_repeatable_and_seed_matters(tiny_adapter, pairs):
