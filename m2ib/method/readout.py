@@ -400,9 +400,10 @@ def readout_specs(adapter, hparams: dict, modalities=MODALITIES) -> dict[str, Re
 
 def _check_same_shapes(adapter, modality: str, layers) -> None:
     """The bottleneck and read layers must have one token grid (read per token together); refuse
-    towers whose layers differ (ResNet stages) in one line, on a one-input probe."""
-    with torch.no_grad():
-        shapes = {l: tuple(adapter.prefix(modality, _probe(adapter, modality), l).shape[1:]) for l in sorted(set(layers))}
+    towers whose layers differ (ResNet stages) in one line, on a one-input probe (one pass where the
+    adapter reports its blocks, as hidden_states)."""
+    states = hidden_states(adapter, modality, _probe(adapter, modality), layers)
+    shapes = {l: tuple(h.shape[1:]) for l, h in states.items()}
     if len(set(shapes.values())) > 1:
         raise UnsupportedError(
             f"m2ib_readout: the {modality} layers {sorted(shapes)} of model {adapter.name} have different shapes "
