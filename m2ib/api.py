@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from m2ib.core.attributor import METHODS, attribute_in_batches
+from m2ib.core.attributor import attribute_in_batches, get_method
 from m2ib.core.errors import InputError
 from m2ib.core.images import as_pil
 from m2ib.core.records import Attribution, Sample
@@ -20,6 +20,7 @@ def explain(adapter, images: Sequence, captions: Sequence[str], method: str = "m
     and in a `make`/Hydra run, whatever the batch size. hparams go to the method (for M2IB: layer,
     layers, beta, var, steps, copies, lr, init_alpha, ratio, optionally image_/text_ prefixed, mode, amp;
     layers and betas default to the model's own settings).
+    method: a registered name, or a variant `<name>-<label>` (the returned Attribution is labelled so).
     Returns one Attribution with image maps (B, H, W) in the preprocessed frame and token scores (B, T).
     """
     if isinstance(images, (str, bytes)) or isinstance(captions, str):
@@ -35,5 +36,5 @@ def explain(adapter, images: Sequence, captions: Sequence[str], method: str = "m
                          f"({len(set(ids))} distinct)")
     samples = [Sample(id=i, image=as_pil(im, f"image {n}"), caption=c)
                for n, (i, im, c) in enumerate(zip(ids, images, captions))]
-    attributor = METHODS.get(method)(adapter, **hparams)
+    attributor = get_method(method, adapter, **hparams)
     return attribute_in_batches(attributor, samples, seed=seed, batch_size=batch_size, progress=progress)

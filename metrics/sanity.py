@@ -19,6 +19,7 @@ drawn on the CPU from a generator seeded by (seed, encoder, step), so it is iden
 """
 from __future__ import annotations
 
+import logging
 import warnings
 import zlib
 from pathlib import Path
@@ -36,6 +37,8 @@ from m2ib.core.progress import progress_bar
 from m2ib.core.records import Attribution, Sample
 from m2ib.models.base import ModelAdapter
 from metrics.inputs import image_maps, sample_ids, text_scores
+
+log = logging.getLogger(__name__)
 
 
 def randomise_parameters(params: Sequence[torch.nn.Parameter], generator: torch.Generator) -> None:
@@ -205,13 +208,24 @@ def write_sanity_tables(rows: pd.DataFrame, out_dir: Path, stem: str) -> dict:
 
 @register_metric("sanity", columns=("ssim", "spearman"), table=write_sanity_tables, whole_dataset=True)
 def sanity(attribution: Attribution, adapter: ModelAdapter, samples: Sequence[Sample], context: MetricContext,
-           encoders: list = ("image", "text"), absolute: bool = False) -> pd.DataFrame:
+           encoders: list = ("image", "text"), absolute: bool = False, pairs: int = 0) -> pd.DataFrame:
     """Sanity check by cascading model randomisation (Adebayo et al. 2018): per-layer rank correlation.
 
     Cascading randomisation of the method that produced `attribution` (context.attribute re-runs it
-    on each randomised copy; its maps there are not cached)."""
+    on each randomised copy; its maps there are not cached). pairs > 0: only the first `pairs` pairs
+    (the method is re-run once per randomised group, so this check costs tens of times the maps).
+    A method fitted to the model's weights (a trained readout) gives no rows, with a warning: it would
+    have to be refitted at every step."""
     if context.attribute is None:
         raise InputError("the sanity check needs the method itself (MetricContext.attribute) to re-run it")
+    if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 0:
+        raise InputError(f"metric 'sanity': pairs must be an integer >= 0 (0: all pairs), got {pairs!r}")
+    if context.fitted_to_weights:
+        log.warning("%s is fitted to the model's weights (a trained readout): cascading randomisation would refit "
+                    "it at every step, so it gets no sanity rows", attribution.method)
+        return pd.DataFrame()
+    if pairs and pairs < len(samples):
+        samples, attribution = list(samples)[:pairs], attribution.select(range(pairs))
     return cascading_randomisation(adapter, samples, context.attribute, encoders=list(encoders), seed=context.seed,
                                    absolute=absolute, method=attribution.method, progress=context.progress,
                                    original=attribution)

@@ -10,6 +10,7 @@ from m2ib.data.registry import load_dataset
 from m2ib.method import M2IBAttributor, M2IBConfig
 from m2ib.method import stats as stats_mod
 from m2ib.method.reference import reference_pair
+from m2ib.method.bottleneck import DEFAULT_STATS
 from m2ib.method.stats import MIN_POSITION_COUNT, MIN_STD, Welford, estimate_stats, layer_stats
 
 HP = dict(layer=1, steps=4, copies=3)
@@ -157,7 +158,7 @@ def test_statistics_cache(tiny_adapter, pairs, cache, monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(mode="iba"), "mode 'iba' needs stats"),
+    (dict(mode="iba", stats=None), "mode 'iba' needs stats"),
     (dict(mode="iba", stats="val"), "stats must be a data config mapping"),
     (dict(mode="iba", stats={"split": "val"}), "needs a data set kind"),
     (dict(mode="iba", stats={"kind": "embedded", "splt": "val"}), r"unknown key\(s\) \['splt'\]"),
@@ -170,5 +171,6 @@ def test_bad_settings_are_refused_before_any_model(kwargs, match):
 
 
 def test_identity_records_stats_only_where_they_act():
+    assert M2IBConfig.from_kwargs(mode="iba").as_flat()["stats"] == DEFAULT_STATS   # conf/method/m2ib.yaml's
     assert "stats" not in M2IBConfig.from_kwargs(mode="release", stats=STATS).as_flat()
     assert M2IBConfig.from_kwargs(mode="iba", stats=STATS).as_flat()["stats"] == STATS

@@ -1,6 +1,7 @@
 """Cascading randomisation on the tiny random model: exact values for weight-independent maps,
 real change for a gradient map, and the cascade really randomises cumulatively from the top."""
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -118,3 +119,21 @@ def test_attributor_factories_plug_in_with_per_pair_seeds(adapter, samples):
     assert one.image[:, 0, 0].tolist() == [float(np.float32(pair_seed(s.id))) for s in samples]
     with pytest.raises(InputError, match="callable"):
         resolve(42)
+
+
+def test_the_metric_checks_the_first_pairs_only_and_skips_a_method_fitted_to_the_weights(adapter, samples, caplog):
+    from m2ib.core.metric import METRICS, MetricContext
+    score = METRICS.get("sanity").score
+    original = gradient(adapter, samples)
+    context = MetricContext(attribute=gradient, seed=0)
+    rows = score(original, adapter, samples, context, encoders=["text"], pairs=2)
+    assert sorted(set(rows["sample_id"])) == ["s0", "s1"]
+    full = score(original, adapter, samples, context, encoders=["text"])
+    assert sorted(set(full["sample_id"])) == ["s0", "s1", "s2"]
+    pd.testing.assert_frame_equal(rows, full[full["sample_id"] != "s2"].reset_index(drop=True))
+    with pytest.raises(InputError, match="pairs must be an integer >= 0"):
+        score(original, adapter, samples, context, pairs=-1)
+    fitted = MetricContext(attribute=gradient, fitted_to_weights=True)
+    with caplog.at_level("WARNING"):
+        assert score(original, adapter, samples, fitted).empty
+    assert "fitted to the model's weights" in caplog.text

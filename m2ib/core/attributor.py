@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+import re
 import time
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -47,9 +48,13 @@ class Attributor(abc.ABC):
 
     name: str = "?"
     defaults: dict[str, Any] = {}
+    #: True where the method holds state fitted to one model's weights (a trained readout): it cannot be
+    #: re-run on modified weights, as the sanity check's randomised copies would need
+    fitted_to_weights: bool = False
 
     def __init__(self, adapter, **hparams):
         self.adapter = adapter
+        self.label = self.name      # what rows, tables and figures call it (get_method: a variant's label)
         self.hparams = self.check_params(hparams)
         mods = self.hparams["modalities"]
         self.modalities = (mods,) if isinstance(mods, str) else tuple(mods)
@@ -83,6 +88,7 @@ class Attributor(abc.ABC):
     def with_context(self, attribution: Attribution, samples: Sequence[Sample]) -> Attribution:
         """`attribution` (rows = samples, in order) with what figures need: the samples themselves (in
         memory only), the model's input frame and these hyperparameters."""
+        attribution.method = self.label
         attribution.samples = list(samples)
         attribution.frame = InputFrame.of(self.adapter)
         attribution.hparams = self.identity()
@@ -117,7 +123,7 @@ class Attributor(abc.ABC):
                                    f"expected {tuple(text.ids.shape)}")
             scores = (scores * text.word_mask.to(scores.device)).cpu()
         seconds = time.perf_counter() - start
-        return Attribution(method=self.name, image=image, text=scores, tokens=text.tokens,
+        return Attribution(method=self.label, image=image, text=scores, tokens=text.tokens,
                            token_mask=text.word_mask.cpu(), seconds=seconds,
                            meta={"seeds": list(seeds), "truncated": list(text.truncated), **meta})
 
@@ -134,8 +140,37 @@ def available_methods() -> list[str]:
     return METHODS.names()
 
 
-def get_method(name: str, adapter, **hparams) -> Attributor:
-    return METHODS.get(name)(adapter, **hparams)
+#: A method entry is a registered name or a variant `<name>-<label>` of one (e.g. m2ib-iba): one run can
+#: hold a method several times with different hyperparameters; rows, tables and figures carry the variant's
+#: name, while the attribution cache is keyed by the registered method and its resolved hyperparameters.
+VARIANT_SEPARATOR = "-"
+_VARIANT_LABEL = re.compile(r"[A-Za-z0-9_.]+")
+
+
+def registered_name(entry: str) -> str:
+    """The registered method a method entry runs: `entry` itself, or NAME of a variant NAME-LABEL."""
+    if not isinstance(entry, str) or not entry:
+        raise InputError(f"a method must be named by a string, got {entry!r}")
+    if entry in METHODS:
+        return entry
+    base, sep, label = entry.partition(VARIANT_SEPARATOR)
+    if sep and base in METHODS and _VARIANT_LABEL.fullmatch(label):
+        return base
+    raise InputError(f"unknown method {entry!r}; available: {', '.join(METHODS.names())} (a variant of one, "
+                     f"with its own hyperparameters, is <method>{VARIANT_SEPARATOR}<label>, e.g. "
+                     f"m2ib{VARIANT_SEPARATOR}iba; the label uses letters, digits, '_' and '.')")
+
+
+def method_class(entry: str) -> type:
+    """The Attributor class a method entry (a name or a variant) constructs."""
+    return METHODS.get(registered_name(entry))
+
+
+def get_method(entry: str, adapter, **hparams) -> Attributor:
+    """Construct a method entry: a registered name or a variant NAME-LABEL (labelled LABEL's way)."""
+    attributor = method_class(entry)(adapter, **hparams)
+    attributor.label = entry
+    return attributor
 
 
 # ---- input checks ---------------------------------------------------------------------------------
@@ -177,7 +212,7 @@ def attribute_in_batches(attributor: Attributor, samples: Sequence[Sample], seed
     if not samples:
         raise InputError("no samples to attribute")
     adapter, parts = attributor.adapter, []
-    bar = progress_bar(total=len(samples), desc=attributor.name, unit="pair", enabled=progress)
+    bar = progress_bar(total=len(samples), desc=attributor.label, unit="pair", enabled=progress)
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         try:
@@ -185,7 +220,7 @@ def attribute_in_batches(attributor: Attributor, samples: Sequence[Sample], seed
             text = adapter.tokenize([s.caption for s in chunk])
             att = attributor.attribute(pixels, text, [pair_seed(s.id, seed) for s in chunk])
         except InputError as exc:
-            raise InputError(f"{attributor.name} on samples {[s.id for s in chunk]} (image/caption numbers "
+            raise InputError(f"{attributor.label} on samples {[s.id for s in chunk]} (image/caption numbers "
                              f"count within this list): {exc}") from exc
         if on_batch is not None:
             on_batch(chunk, att)
@@ -209,7 +244,7 @@ def attribute_with(method: Union[str, Callable], batch_size: int = 8, seed: int 
     """
     hparams = dict(hparams or {})
     if isinstance(method, str):
-        METHODS.get(method).check_params(hparams)
+        method_class(method).check_params(hparams)
 
     def attribute(adapter, samples: Sequence[Sample]) -> Attribution:
         attributor = get_method(method, adapter, **hparams) if isinstance(method, str) else method(adapter)

@@ -136,7 +136,7 @@ def hparam_text(hparams: Optional[dict], width: int = 60) -> str:
     for key, value in hparams.items():
         if value is None or key == "progress" or (key == "modalities" and len(value) == 2):
             continue
-        value = f"{value:g}" if isinstance(value, float) else ("+".join(value) if isinstance(value, (list, tuple))
+        value = f"{value:g}" if isinstance(value, float) else ("+".join(map(str, value)) if isinstance(value, (list, tuple))
                                                                 else value)
         parts.append(f"{key}={value}")
     return "\n".join(textwrap.wrap(", ".join(parts), width))

@@ -35,6 +35,9 @@ class MetricContext:
     re-run it on a randomised or fine-tuned copy), the run seed, a folder for resumable work, progress."""
 
     attribute: Optional[AttributeFn] = None
+    #: the method holds state fitted to this model's weights (a trained readout), so re-running it on a
+    #: modified copy would not be the same method (Attributor.fitted_to_weights)
+    fitted_to_weights: bool = False
     seed: int = 0
     work_dir: Optional[Path] = None
     progress: bool = False

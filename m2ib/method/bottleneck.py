@@ -160,6 +160,9 @@ class ModalityConfig:
         return self.layers if self.layers is not None else (self.layer,)
 
 
+DEFAULT_STATS = {"kind": "embedded", "split": "val", "limit": 500}
+
+
 @dataclass(frozen=True)
 class M2IBConfig:
     """Both modalities' hyperparameters plus the estimator mode (see module docstring)."""
@@ -168,7 +171,9 @@ class M2IBConfig:
     text: ModalityConfig = field(default_factory=ModalityConfig)
     mode: str = "release"
     amp: bool = False   # bf16 autocast of the encoder suffix, CUDA only
-    stats: Optional[dict] = None   # mode "iba": the data config its statistics are estimated on (stats.py)
+    # mode "iba": the data config its statistics are estimated on (stats.py); the default is the embedded
+    # benchmark's val split, which any model can read (for a real model, its own data is the better choice)
+    stats: Optional[dict] = field(default_factory=lambda: dict(DEFAULT_STATS))
 
     @classmethod
     def from_kwargs(cls, **kw) -> "M2IBConfig":

@@ -307,6 +307,7 @@ class ReadoutAttributor(Attributor):
     A readout that is not trained yet is refused in one line (train it with `make readout`): training
     takes minutes and a training split, which an attribution call should not start silently."""
 
+    fitted_to_weights = True
     defaults = {
         "image_layer": None, "text_layer": None, "image_beta": None, "text_beta": None,
         "image_read_layers": None, "text_read_layers": None,

@@ -16,7 +16,7 @@ from typing import Optional
 import pandas as pd
 import torch
 
-from m2ib.core.attributor import METHODS, attribute_with
+from m2ib.core.attributor import attribute_with, get_method, method_class
 from m2ib.core.errors import InputError, M2IBError
 from m2ib.core.figures import method_grid, save_figure
 from m2ib.core.geometry import InputFrame
@@ -105,7 +105,7 @@ def validate_config(cfg: dict) -> None:
     if not methods or not metrics_cfg:
         raise InputError("a run needs at least one method (method=[...]) and one metric (metric=[...])")
     for name, params in methods.items():
-        METHODS.get(name).check_params(params or {})
+        method_class(name).check_params(params or {})
     for name, params in metrics_cfg.items():
         spec = METRICS.get(name)
         spec.check_params(params or {})
@@ -182,7 +182,7 @@ def _run(cfg: dict, run_dir: Optional[Path], tally: _Tally) -> dict:
     specs = {name: (METRICS.get(name), METRICS.get(name).check_params(params or {}))
              for name, params in cfg["metric"].items()}
     adapter, identity = build_adapter(cfg["model"], device, progress)
-    attributors = {name: METHODS.get(name)(adapter, **params) for name, params in methods.items()}
+    attributors = {name: get_method(name, adapter, **params) for name, params in methods.items()}
     samples, total = load_samples(cfg["data"], progress=progress)
     if not samples:
         raise InputError(f"no samples in data set {cfg['data']}")
@@ -205,7 +205,7 @@ def _run(cfg: dict, run_dir: Optional[Path], tally: _Tally) -> dict:
         if report["enabled"] and out_dirs:
             thumbnails[name] = method_cells(att, report)
         context = MetricContext(attribute=attribute_with(name, batch_size, seed, progress, hparams=methods[name]),
-                                seed=seed, work_dir=Path(cfg["cache_dir"]), progress=progress)
+                                fitted_to_weights=attributor.fitted_to_weights, seed=seed, work_dir=Path(cfg["cache_dir"]), progress=progress)
         merged = None
         for metric, (spec, params) in specs.items():
             tic = time.perf_counter()
