@@ -81,6 +81,14 @@ def fingerprint(sample: Sample) -> str:
     return h.hexdigest()
 
 
+def write_npz(target: Path, arrays: dict) -> None:
+    """Write arrays to `target` atomically (temporary file + rename), so a reader never sees half a file."""
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:                   # a file object: np.savez would append ".npz" to a name
+        np.savez(f, **arrays)
+    os.replace(tmp, target)
+
+
 class AttributionCache:
     """Folder `<root>/<method>-<key>/` with one file per sample and a `key.json` saying what the key covers."""
 
@@ -155,11 +163,7 @@ class AttributionCache:
                 row["image"] = array(attribution.image[i], torch.float32)
             if attribution.text is not None:
                 row["text"] = array(attribution.text[i], torch.float32)
-            target = self.path(sample.id)
-            tmp = target.with_suffix(f".tmp{os.getpid()}")
-            with open(tmp, "wb") as f:                   # a file object: np.savez would append ".npz" to a name
-                np.savez(f, **row)
-            os.replace(tmp, target)
+            write_npz(self.path(sample.id), row)
 
     def get(self, samples: Sequence[Sample]) -> Attribution:
         """The cached rows of samples, in order, as one Attribution (meta['cache_key'] names the folder)."""

@@ -27,6 +27,7 @@ from m2ib.data.registry import load_dataset, loader_params
 from m2ib.models.sources import build, resolve
 from m2ib.pipeline.compute import compute_attributions
 from m2ib.pipeline.curves import write_curves
+from m2ib.pipeline.metric_cache import MetricRowsCache
 from m2ib.pipeline.provenance import check_overwrite, check_publishable, git_state, result_identity, run_metadata
 from m2ib.pipeline.report import input_cells, method_cells, report_settings, write_report
 from m2ib.pipeline.tables import aggregate, write_meta, write_table
@@ -133,6 +134,22 @@ def check_model_config(model: dict) -> None:
     check_params("model.m2ib", model.get("m2ib") or {}, M2IB_SETTING_KEYS)
 
 
+def score_cached(spec, params: dict, att, adapter, samples, context: MetricContext, cache_dir) -> tuple:
+    """(rows, seconds it took to score them) of one metric for one method, read from the metric-rows
+    cache where this exact scoring was finished before (an interrupted run resumes after it)."""
+    cache = MetricRowsCache(cache_dir, att.meta.get("cache_key", att.method), att.method, spec.name, params, samples)
+    hit = cache.get()
+    if hit is not None:
+        log.info("%s: %s rows read from %s", att.method, spec.name, cache.path)
+        return hit
+    tic = time.perf_counter()
+    rows = spec.score(att, adapter, samples, context, **params)
+    seconds = time.perf_counter() - tic
+    if not rows.empty:
+        cache.put(rows, seconds)
+    return rows, seconds
+
+
 class Interrupted(M2IBError):
     """Ctrl-C during a run: says what is cached and that a re-run resumes."""
 
@@ -153,7 +170,8 @@ def run_experiment(cfg: dict, run_dir: Optional[Path] = None) -> dict:
         return _run(cfg, run_dir, tally)
     except KeyboardInterrupt:
         where = f" ({tally.pairs} pairs of {tally.method} computed and cached by this run)" if tally.method else ""
-        raise Interrupted(f"interrupted: every finished batch is cached under {cfg.get('cache_dir')}{where}; "
+        raise Interrupted(f"interrupted: every finished batch of maps and every finished method's metric rows are "
+                          f"cached under {cfg.get('cache_dir')}{where}; "
                           f"re-run the same command to resume from there") from None
 
 
@@ -205,12 +223,12 @@ def _run(cfg: dict, run_dir: Optional[Path], tally: _Tally) -> dict:
         if report["enabled"] and out_dirs:
             thumbnails[name] = method_cells(att, report)
         context = MetricContext(attribute=attribute_with(name, batch_size, seed, progress, hparams=methods[name]),
-                                fitted_to_weights=attributor.fitted_to_weights, seed=seed, work_dir=Path(cfg["cache_dir"]), progress=progress)
+                                fitted_to_weights=attributor.fitted_to_weights, seed=seed,
+                                work_dir=Path(cfg["cache_dir"]), progress=progress)
         merged = None
         for metric, (spec, params) in specs.items():
-            tic = time.perf_counter()
-            rows = spec.score(att, adapter, samples, context, **params)
-            timings[name][f"{metric}_seconds_per_pair"] = (time.perf_counter() - tic) / len(samples)
+            rows, seconds = score_cached(spec, params, att, adapter, samples, context, cfg["cache_dir"])
+            timings[name][f"{metric}_seconds_per_pair"] = seconds / len(samples)
             if rows.empty:
                 continue
             if spec.table is not None:
