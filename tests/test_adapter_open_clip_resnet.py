@@ -171,3 +171,10 @@ def test_copy_is_independent_and_consistent(rn, inputs):
         assert not torch.allclose(other.encode_image(pixels), rn.encode_image(pixels))
         torch.testing.assert_close(rn.encode_image(pixels), rn.model.encode_image(pixels, normalize=True),
                                    atol=ATOL, rtol=0)
+
+
+def test_multi_layer_m2ib_on_the_stages_is_refused_with_the_reason_before_it_runs(rn):
+    from m2ib.core.attributor import get_method
+    with pytest.raises(UnsupportedError, match="share.* one damping ratio, but its ResNet stages differ in grid"):
+        get_method("m2ib", rn, image_layers=[0, 1], text_layers=[0], steps=1, copies=1)
+    get_method("m2ib", rn, modalities=["text"], image_layers=[0, 1], text_layers=[0, 1], steps=1, copies=1)

@@ -65,7 +65,7 @@ def test_checkpoint_that_does_not_fit_fails_with_one_line(own, tmp_path, spoil, 
     cfg, ckpt, _ = own
     bad = tmp_path / "bad.pt"
     torch.save(spoil(torch.load(ckpt, weights_only=True)), bad)
-    with pytest.raises(ModelUnavailableError) as err:
+    with pytest.raises(InputError) as err:
         load_adapter(str(cfg), pretrained=str(bad))
     msg = str(err.value)
     assert "\n" not in msg and expect in msg and str(cfg) in msg and str(bad) in msg and "Fix: set model.name" in msg
@@ -75,7 +75,7 @@ def test_checkpoint_of_another_architecture(own, tmp_path):
     cfg, _, _ = own
     vit = tmp_path / "vit.pt"
     torch.save(load_adapter("m2ib-tiny-vit").state_dict(), vit)
-    with pytest.raises(ModelUnavailableError) as err:
+    with pytest.raises(InputError) as err:
         load_adapter(str(cfg), pretrained=str(vit))
     msg = str(err.value)
     assert "\n" not in msg and "missing keys (first: visual.bn1.weight" in msg \
@@ -122,3 +122,16 @@ def test_json_config_and_checkpoint_through_the_cli(own, tmp_path):
     assert "m2ib" in done.stdout and "written:" in done.stdout
     tables = list((tmp_path / "results").rglob("*.csv"))
     assert tables and tables[0].name.startswith("custom-m2ib-test-inhouse-clip-embedded-test-n2-")
+
+
+def test_a_json_configs_cache_identity_covers_its_content(own, tmp_path):
+    """The attribution cache keys a JSON-config model by the config's content, not only its path."""
+    import hashlib
+    from m2ib.models.sources import resolve
+    cfg = own[0]
+    identity = resolve(str(cfg), None).identity()
+    assert identity["config_sha256"] == hashlib.sha256(json.dumps(OWN_CONFIG, sort_keys=True).encode()).hexdigest()
+    wider = tmp_path / "m2ib-test-inhouse-clip-wider.json"
+    wider.write_text(json.dumps({**OWN_CONFIG, "embed_dim": 32}), encoding="utf-8")
+    assert resolve(str(wider), None).identity()["config_sha256"] != identity["config_sha256"]
+    assert "config_sha256" not in resolve("m2ib-tiny-vit", None).identity()     # built-in names: unchanged keys

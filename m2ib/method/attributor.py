@@ -47,8 +47,11 @@ class M2IBAttributor(Attributor):
         own = {k: v for k, v in self.hparams.items() if k not in COMMON_DEFAULTS}
         self.config = M2IBConfig.from_kwargs(**own).with_model_defaults(self.adapter.default_m2ib_settings())
         for m in self.modalities:
-            for layer in self.config.for_modality(m).bottleneck_layers:
+            layers = self.config.for_modality(m).bottleneck_layers
+            for layer in layers:
                 self.adapter.check_layer(m, layer)
+            for start, stop in zip(layers, layers[1:]):     # several layers: the adapter must pass between them
+                self.adapter.check_block_span(m, start, stop)
         self.stats = {}
         if self.config.mode == "iba":
             weights = weights_digest(self.adapter)

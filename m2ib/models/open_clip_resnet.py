@@ -126,6 +126,16 @@ class OpenClipResNetAdapter(OpenClipTextTower, ModelAdapter):
                 f"methods cannot explain its images; use modalities=[text] or another method")
         return super().record_attention(modality, parts=parts)
 
+    def check_block_span(self, modality: str, start: int, stop: int) -> tuple[int, int]:
+        """Image: refused. Several bottleneck layers share one damping ratio (multi-layer M2IB), which
+        needs one shape for all of them, and the stages differ in grid and channels."""
+        if modality == "image":
+            raise UnsupportedError(
+                f"model {self.name}: a bottleneck over several image layers shares one damping ratio, but its "
+                f"ResNet stages differ in grid ({', '.join(f'{h}x{w}' for h, w in self.stage_grids)}) and channels; "
+                f"use one image_layer")
+        return super().check_block_span(modality, start, stop)
+
     def embed_hidden(self, modality: str, hidden: torch.Tensor, inputs) -> torch.Tensor:
         """Text: as the ViT CLIP. Image: refused (base class): a stage before the last has another width
         than the attention pool's input, so there is no embedding of an intermediate stage."""

@@ -68,10 +68,12 @@ class ModelSource:
     sha256: Optional[str] = None
     m2ib_defaults: dict = field(default_factory=dict)
     config_name: Optional[str] = None   # the open_clip config to build when it differs from `name` (a JSON path)
+    config_sha256: Optional[str] = None  # a JSON config's content (the path alone may be edited in place)
 
     def identity(self) -> dict:
         """What the attribution cache keys a model by."""
-        return {"name": self.name, "pretrained": self.pretrained, "sha256": self.sha256}
+        extra = {"config_sha256": self.config_sha256} if self.config_sha256 else {}
+        return {"name": self.name, "pretrained": self.pretrained, "sha256": self.sha256, **extra}
 
 
 @dataclass(frozen=True)
@@ -231,7 +233,8 @@ def _resolve_json_config(name: str, pretrained: Optional[str]) -> ModelSource:
     if known is None:
         open_clip.add_model_config(path)
     source = _resolve_open_clip(config_name, pretrained)
-    return replace(source, name=name, config_name=config_name)
+    content = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+    return replace(source, name=name, config_name=config_name, config_sha256=content)
 
 
 @register_source("open_clip", lambda name, pretrained: True, priority=9)
@@ -369,9 +372,10 @@ def build(source: ModelSource, device: str = "cpu", seed: int = 0, cache_dir: Op
     except Exception as exc:   # download/cache/checkpoint failures of open_clip, huggingface_hub, transformers
         why = reason if is_offline else f"{type(exc).__name__}: {exc}"
         if source.checkpoint is not None and not is_offline:
-            raise ModelUnavailableError(
-                f"could not load checkpoint file {source.checkpoint} into model {name!r}: {type(exc).__name__}: {exc}\n"
-                f"Check that model.pretrained points at weights for this architecture (model.name).") from exc
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise InputError(      # the file exists (a missing one is ModelUnavailableError above) but is not usable
+                f"could not load checkpoint file {source.checkpoint} into model {name!r} ({type(exc).__name__}: "
+                f"{first}); check that model.pretrained points at weights for this architecture (model.name)") from exc
         if source.tag_cfg is not None:
             raise ModelUnavailableError(offline.tag_message(name, source.pretrained, source.tag_cfg, cache_dir, why,
                                                             _hub_tokenizer_repo(model_cfg))) from exc
@@ -413,7 +417,7 @@ def _load_checkpoint(model, name: str, path: str) -> None:
         mismatch = _key_mismatch(str(exc))
         if mismatch is None:
             raise
-        raise ModelUnavailableError(
+        raise InputError(     # the file is there but does not fit (as for HF folders, hf_clip.py): a setting to fix
             f"checkpoint file {path} does not fit model {name!r}: {mismatch}. Fix: set model.name to the "
             f"architecture the checkpoint was trained with (an open_clip config name or the path of its JSON "
             f"config), or model.pretrained to weights of {name!r}") from exc
