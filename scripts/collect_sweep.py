@@ -1,12 +1,15 @@
 """Join the runs of a Hydra multirun into one table and draw one heatmap per metric.
 
     python scripts/collect_sweep.py runs/multirun/sweep/<date>   # default: the newest sweep
-Writes <out>/sweep.csv, sweep.md, sweep-<metric>-<modality>.png and sweep.meta.json (out default:
-runs/sweep-tables; `make reproduce-sweep` publishes into results/sweep with --publish, from a clean tree).
+Writes <out>/<stem>.csv, <stem>.md, <stem>-<metric>-<modality>.png and <stem>.meta.json, stem =
+sweep-<identity>, identity = a hash of the jobs' result identities: a sweep of other settings (another
+estimator, grid or data) never overwrites this one (out default: runs/sweep-tables; `make reproduce-sweep`
+publishes into results/sweep with --publish, from a clean tree).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -26,6 +29,18 @@ from m2ib.pipeline.tables import write_meta
 
 #: Every per-pair value column of every registered metric (own-table metrics such as sanity excluded).
 METRICS = table_columns()
+
+
+def sweep_identity(job_identities) -> str:
+    """The sweep's name: a hash of its jobs' result identities (each covers methods, settings, model, data, seed)."""
+    return hashlib.sha256("\n".join(sorted(job_identities)).encode()).hexdigest()[:10]
+
+
+def fixed_settings(sweep_dir: Path) -> dict:
+    """The first job's resolved method settings (the estimator mode and everything not swept)."""
+    for config in sorted(sweep_dir.glob("*/.hydra/config.yaml")):
+        return (yaml.safe_load(config.read_text()) or {}).get("method") or {}
+    return {}
 
 
 def collect(sweep_dir: Path) -> tuple[pd.DataFrame, list[str]]:
@@ -60,7 +75,7 @@ def _num(v: str):
         return v
 
 
-def heatmaps(df: pd.DataFrame, swept: list[str], out: Path) -> list[Path]:
+def heatmaps(df: pd.DataFrame, swept: list[str], out: Path, stem: str = "sweep", note: str = "") -> list[Path]:
     """One figure per (metric, modality): rows = first swept key, columns = second, panels = the rest."""
     if len(swept) < 2:
         return []
@@ -85,9 +100,9 @@ def heatmaps(df: pd.DataFrame, swept: list[str], out: Path) -> list[Path]:
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white")
                 ax.set_title(", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(rest, panel)) or metric, fontsize=8)
                 fig.colorbar(im, ax=ax, fraction=0.046)
-            fig.suptitle(f"{metric} ({modality})", fontsize=10)
+            fig.suptitle(f"{metric} ({modality}){note}", fontsize=10)
             fig.tight_layout()
-            paths.append(save_figure(fig, out / f"sweep-{metric}-{modality}.png"))
+            paths.append(save_figure(fig, out / f"{stem}-{metric}-{modality}.png"))
     return paths
 
 
@@ -114,20 +129,24 @@ def main(argv=None):
             raise SystemExit("no sweep found under runs/multirun/sweep; run `make sweep` first")
         sweep_dir = candidates[-1]
     df, swept = collect(sweep_dir)
+    jobs = sorted({json.loads(m.read_text())["result_identity"] for m in sweep_dir.glob("*/*.meta.json")})
+    stem = f"sweep-{sweep_identity(jobs)}"
+    settings = fixed_settings(sweep_dir)
+    modes = sorted({str(v.get("mode")) for v in settings.values() if isinstance(v, dict) and "mode" in v})
+    note = f", mode {'/'.join(modes)}" if modes else ""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     keep = swept + ["method", "modality", "n"] + [m for m in METRICS if m in df.columns]
     table = df[keep].sort_values(swept + ["modality"])
-    table.to_csv(out / "sweep.csv", index=False, float_format="%.6g")
-    (out / "sweep.md").write_text(table.to_string(index=False, float_format=lambda v: f"{v:.4g}") + "\n")
-    for path in heatmaps(df, swept, out):
+    table.to_csv(out / f"{stem}.csv", index=False, float_format="%.6g")
+    (out / f"{stem}.md").write_text(table.to_string(index=False, float_format=lambda v: f"{v:.4g}") + "\n")
+    for path in heatmaps(df, swept, out, stem, note):
         print("wrote", path)
-    jobs = sorted({json.loads(m.read_text())["result_identity"] for m in sweep_dir.glob("*/*.meta.json")})
-    write_meta({"sweep_dir": str(sweep_dir), "swept": swept, "job_identities": jobs, "git_commit": state["commit"],
-                "git_clean": not state["dirty_files"], "git_dirty_files": state["dirty_files"],
-                "dirty_allowed": args.allow_dirty and bool(state["dirty_files"]),
-                "code_version": code_version(), "packages": package_versions()}, out / "sweep.meta.json")
-    print(f"wrote {out / 'sweep.csv'} ({len(df)} rows from {sweep_dir})")
+    write_meta({"sweep_dir": str(sweep_dir), "swept": swept, "job_identities": jobs, "method": settings,
+                "git_commit": state["commit"], "git_clean": not state["dirty_files"],
+                "git_dirty_files": state["dirty_files"], "dirty_allowed": args.allow_dirty and bool(state["dirty_files"]),
+                "code_version": code_version(), "packages": package_versions()}, out / f"{stem}.meta.json")
+    print(f"wrote {out / stem}.csv ({len(df)} rows from {sweep_dir})")
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ def method_class(entry: str) -> type:
 
 
 def get_method(entry: str, adapter, **hparams) -> Attributor:
-    """Construct a method entry: a registered name or a variant NAME-LABEL (labelled LABEL's way)."""
+    """The Attributor of a method entry (a registered name or a variant NAME-LABEL), labelled `entry`."""
     attributor = method_class(entry)(adapter, **hparams)
     attributor.label = entry
     return attributor
