@@ -89,9 +89,15 @@ def hf(tmp_path_factory):
     return _build(tmp_path_factory.mktemp("tiny_hf_multi"), "m2ib-test-timm-bert-multi")
 
 
-@pytest.mark.parametrize("family", ["open_clip_vit", "open_clip_hf"])
-def test_run_blocks_continues_prefix(family, tiny_adapter, hf, pairs):
-    a = tiny_adapter if family == "open_clip_vit" else hf
+@pytest.fixture(scope="module")
+def hf_clip(tmp_path_factory):
+    from tiny_models import tiny_hf_clip
+    return tiny_hf_clip(tmp_path_factory.mktemp("tiny_hf_clip_multi"))
+
+
+@pytest.mark.parametrize("family", ["open_clip_vit", "open_clip_hf", "hf_clip"])
+def test_run_blocks_continues_prefix(family, tiny_adapter, hf, hf_clip, pairs):
+    a = {"open_clip_vit": tiny_adapter, "open_clip_hf": hf, "hf_clip": hf_clip}[family]
     inputs = {"image": a.preprocess(pairs[0]), "text": a.tokenize(pairs[1])}
     with torch.no_grad():
         for m, x in inputs.items():

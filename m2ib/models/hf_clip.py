@@ -205,6 +205,17 @@ class HFCLIPAdapter(ModelAdapter):
             pooled = x[torch.arange(x.shape[0], device=x.device), eot]
         return self._text_head(pooled)
 
+    def run_blocks(self, modality: str, hidden: torch.Tensor, inputs, start: int, stop: int) -> torch.Tensor:
+        """Layers start+1 .. stop, written out like prefix() (multi-layer M2IB passes between its bottlenecks)."""
+        start, stop = self.check_block_span(modality, start, stop)
+        rec = self._record[modality]
+        if modality == "image":
+            x = hidden
+            for lyr in self.vision.encoder.layers[start + 1: stop + 1]:
+                x = run_clip_layer(lyr, x, record=rec)
+            return x
+        return self._run_text(hidden, self.text.encoder.layers[start + 1: stop + 1], rec)
+
     def _image_head(self, x: torch.Tensor) -> torch.Tensor:
         """Image hidden state (B, N, C) -> post_layernorm of the class token -> projection -> normalised."""
         return F.normalize(self.model.visual_projection(self.vision.post_layernorm(x[:, 0])), dim=-1)
