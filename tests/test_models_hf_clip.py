@@ -63,7 +63,7 @@ def test_family_shapes_and_defaults(hf, inputs, folder):
     assert hf.image_size == (32, 32) and hf.grid_size == (4, 4) and hf.num_prefix == 1
     assert hf.num_layers == {"image": 3, "text": 3} and hf.context_length == 77
     assert pixels.shape == (3, 3, 32, 32) and text.ids.shape == (3, 77)
-    assert hf.source.sha256 and len(hf.source.sha256) == 64          # a local folder is keyed by its weights
+    assert len(hf.weights_digest()) == 64          # the attribution cache keys the model by the loaded weights
     # no published setting for a tiny model: the rule (layer 9 clipped to the last valid layer, beta 0.1)
     assert hf.default_m2ib_settings() == {"image_layer": 1, "text_layer": 1, "image_beta": 0.1, "text_beta": 0.1}
     with torch.no_grad():
@@ -213,7 +213,8 @@ def test_hub_id_from_the_cache_offline(tmp_path, folder, hf, inputs):
     _fake_hub_repo(tmp_path / "cache", "m2ib-test/tiny-clip", files)
     adapter = load_adapter("hf:m2ib-test/tiny-clip", cache_dir=str(tmp_path / "cache"))
     pixels, text = inputs
-    assert torch.equal(adapter.encode_image(pixels), hf.encode_image(pixels)) and adapter.source.sha256 is None
+    assert torch.equal(adapter.encode_image(pixels), hf.encode_image(pixels))
+    assert adapter.weights_digest() == hf.weights_digest()          # a Hub model is keyed by its weights too
     del files["tokenizer.json"]
     _fake_hub_repo(tmp_path / "no_tok", "m2ib-test/tiny-clip", files)
     with pytest.raises(ModelUnavailableError, match=r"the tokenizer .* of Hugging Face Hub repo m2ib-test/tiny-clip "
@@ -291,7 +292,7 @@ def test_finetuned_checkpoint_file(tmp_path, folder, hf, inputs):
     other = load_adapter(f"hf:{folder}", pretrained=str(path))
     pixels, _ = inputs
     torch.testing.assert_close(other.encode_image(pixels), -hf.encode_image(pixels), atol=ATOL, rtol=0)
-    assert other.source.sha256 != hf.source.sha256
+    assert other.weights_digest() != hf.weights_digest()
 
 
 # ---- the bridge: the same weights through open_clip ---------------------------------------------------------

@@ -225,3 +225,28 @@ def test_seed_does_not_touch_global_rng():
     torch.manual_seed(123)
     load_adapter("m2ib-tiny-vit", seed=9)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_weights_digest_is_remembered_until_a_weight_changes(monkeypatch):
+    """Hashed once per model; a weight changed in place, a replaced tensor or a copy is hashed again."""
+    import hashlib as real_hashlib
+    from m2ib.models import base
+    adapter = load_adapter("m2ib-tiny-vit", pretrained=None, seed=0)
+    calls = []
+
+    class Counting:
+        def sha256(self):
+            calls.append(1)
+            return real_hashlib.sha256()
+    monkeypatch.setattr(base, "hashlib", Counting())
+    first = adapter.weights_digest()
+    assert adapter.weights_digest() == first and len(calls) == 1          # remembered
+    copy = adapter.copy()
+    assert copy.weights_digest() == first and len(calls) == 2             # same values, hashed anew
+    with torch.no_grad():
+        next(copy.model.parameters()).add_(1e-3)                          # in place (as randomisation, fine-tuning)
+    changed = copy.weights_digest()
+    assert changed != first and len(calls) == 3 and adapter.weights_digest() == first
+    param = next(copy.model.parameters())
+    param.data = param.data.clone()                                       # same values, a new tensor
+    assert copy.weights_digest() == changed and len(calls) == 4

@@ -9,7 +9,7 @@ from m2ib.core.errors import InputError
 from m2ib.core.maps import normalise_minmax
 from m2ib.core.records import TextBatch
 from m2ib.method.bottleneck import M2IBConfig, fit_bottleneck
-from m2ib.method.stats import layer_stats, weights_digest
+from m2ib.method.stats import layer_stats
 
 
 @register_method("m2ib")
@@ -54,9 +54,8 @@ class M2IBAttributor(Attributor):
                 self.adapter.check_block_span(m, start, stop)
         self.stats = {}
         if self.config.mode == "iba":
-            weights = weights_digest(self.adapter)
             self.stats = {m: {layer: layer_stats(self.adapter, m, layer, self.config.stats,
-                                                 progress=self.hparams["progress"], weights=weights)
+                                                 progress=self.hparams["progress"])
                               for layer in self.config.for_modality(m).bottleneck_layers}
                           for m in self.modalities}
 

@@ -68,7 +68,6 @@ from m2ib.core.progress import progress_bar
 from m2ib.core.records import TextBatch
 from m2ib.core.seeds import generator
 from m2ib.method.bottleneck import capacity, loss_terms
-from m2ib.method.stats import weights_digest
 
 log = logging.getLogger(__name__)
 ALPHA_KINDS = ("channel", "token")
@@ -104,7 +103,7 @@ class ReadoutSpec:
         h = hashlib.sha256()
         source = getattr(adapter, "source", None)
         h.update(repr(source.identity() if source is not None else adapter.name).encode())
-        h.update(weights_digest(adapter).encode())
+        h.update(adapter.weights_digest().encode())
         h.update(repr(sorted(asdict(self).items())).encode())
         for fn in training_code():
             h.update(inspect.getsource(fn).encode())

@@ -141,16 +141,6 @@ def estimate_stats(adapter, modality: str, layer: int, samples, progress: bool =
     return acc.result()
 
 
-def weights_digest(adapter) -> str:
-    """sha256 over the model's parameter and buffer values (names, shapes, dtypes and bytes), in order."""
-    h = hashlib.sha256()
-    for name, t in adapter.model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def stats_cache_root() -> Path:
     return Path(os.environ.get("M2IB_CACHE", ".cache/attributions")) / "layer-stats"
 
@@ -162,13 +152,12 @@ def stats_key(weights: str, modality: str, layer: int, data: dict) -> str:
 
 
 def layer_stats(adapter, modality: str, layer: int, data: dict, progress: bool = True,
-                root: Path | None = None, weights: str | None = None) -> LayerStats:
+                root: Path | None = None) -> LayerStats:
     """The statistics of (model weights, modality, layer, data config), from the cache or computed once
-    and cached (written atomically, with a readable .json of what the key stands for). weights: the
-    model's weights_digest, if already known."""
+    and cached (written atomically, with a readable .json of what the key stands for)."""
     data = check_stats_config(data)
     root = Path(root) if root is not None else stats_cache_root()
-    key = stats_key(weights or weights_digest(adapter), modality, layer, data)
+    key = stats_key(adapter.weights_digest(), modality, layer, data)
     path = root / f"{modality}-layer{layer}-{key}.pt"
     if path.is_file():
         return LayerStats(**torch.load(path, map_location="cpu", weights_only=True))

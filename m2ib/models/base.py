@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import copy as _copy
+import hashlib
 import warnings
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -353,6 +354,25 @@ class ModelAdapter(abc.ABC):
         if not start < stop:
             raise InputError(f"run_blocks needs start < stop, got {start} and {stop}")
         return start, stop
+
+    def weights_digest(self) -> str:
+        """sha256 over the model's parameters and buffers (names, shapes, dtypes and bytes, in order): what
+        the attribution cache, the layer statistics and the readouts key the weights by, whatever their source
+        (a checkpoint file, the Hub, a conversion). Remembered until a tensor is replaced or changed in place
+        (its storage or torch's version counter changes), so a model is hashed once, and a copy whose weights
+        were randomised or fine-tuned is hashed again."""
+        state = self.model.state_dict()
+        stamp = tuple((name, t.data_ptr(), t._version) for name, t in state.items())
+        memo = self.__dict__.get("_weights_memo")
+        if memo is not None and memo[0] == stamp:
+            return memo[1]
+        h = hashlib.sha256()
+        for name, t in state.items():
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._weights_memo = (stamp, h.hexdigest())
+        return self._weights_memo[1]
 
     def parameters(self):
         return self.model.parameters()

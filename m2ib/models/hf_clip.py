@@ -35,7 +35,6 @@ adapters give the same embeddings, M2IB maps and Grad-ECLIP / LeGrad maps from t
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 from pathlib import Path
 from typing import Optional, Sequence
@@ -296,18 +295,6 @@ def target_of(name: str) -> str:
 def is_local(target: str) -> bool:
     """A folder: one that exists, or any path that is not shaped like a Hub id 'org/repo'."""
     return Path(target).expanduser().exists() or not _HUB_ID.fullmatch(target)
-
-
-def weights_sha256(folder: Path) -> Optional[str]:
-    """sha256 over the folder's weight files (the attribution cache's key for a local model)."""
-    files = sorted(p for p in folder.iterdir() if p.name.startswith(("model", "pytorch_model")) and p.is_file())
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for p in files:
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @contextlib.contextmanager

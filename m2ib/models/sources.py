@@ -65,15 +65,14 @@ class ModelSource:
     model_cfg: Optional[dict] = None
     needs_hub: bool = False
     create_kwargs: dict = field(default_factory=dict)
-    sha256: Optional[str] = None
     m2ib_defaults: dict = field(default_factory=dict)
     config_name: Optional[str] = None   # the open_clip config to build when it differs from `name` (a JSON path)
     config_sha256: Optional[str] = None  # a JSON config's content (the path alone may be edited in place)
 
     def identity(self) -> dict:
-        """What the attribution cache keys a model by."""
+        """What names the model (the attribution cache adds the loaded weights: ModelAdapter.weights_digest)."""
         extra = {"config_sha256": self.config_sha256} if self.config_sha256 else {}
-        return {"name": self.name, "pretrained": self.pretrained, "sha256": self.sha256, **extra}
+        return {"name": self.name, "pretrained": self.pretrained, **extra}
 
 
 @dataclass(frozen=True)
@@ -125,10 +124,6 @@ def _checkpoint(name: str, pretrained: Optional[str]) -> Optional[str]:
     return path
 
 
-def _sha256(path: Optional[str]) -> Optional[str]:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
-
-
 def _hub_text_repos(model_cfg: dict, tower_only: bool = False) -> list[str]:
     """Hub repos an HF text tower (and, unless tower_only, the tokenizer) reads at build time (not local folders)."""
     text = (model_cfg or {}).get("text_cfg", {})
@@ -155,16 +150,16 @@ def _resolve_embedded(name: str, pretrained: Optional[str]) -> ModelSource:
     if name != embedded.EMBEDDED_MODEL_NAME:
         raise InputError(f"model.pretrained=embedded is the committed checkpoint of {embedded.EMBEDDED_MODEL_NAME!r}, "
                          f"not of {name!r}")
-    sha = embedded.verify_checkpoint()
+    embedded.verify_checkpoint()        # the committed file, checked against its recorded sha256
     return ModelSource("embedded", name, pretrained, checkpoint=str(embedded.CHECKPOINT),
-                       model_cfg=_read_config(name), sha256=sha,
+                       model_cfg=_read_config(name),
                        create_kwargs={"pretrained_text": False, "pretrained_image": False})
 
 
 @register_source("hf-hub", lambda name, pretrained: name.startswith("hf-hub:"), priority=1)
 def _resolve_hub(name: str, pretrained: Optional[str]) -> ModelSource:
     ckpt = _checkpoint(name, pretrained)
-    return ModelSource("hf-hub", name, pretrained, checkpoint=ckpt, needs_hub=True, sha256=_sha256(ckpt))
+    return ModelSource("hf-hub", name, pretrained, checkpoint=ckpt, needs_hub=True)
 
 
 @register_source("local-dir", lambda name, pretrained: name.startswith("local-dir:"), priority=1)
@@ -179,7 +174,7 @@ def _resolve_local_dir(name: str, pretrained: Optional[str]) -> ModelSource:
             f"connected machine, or change model.name")
     model_cfg = _read_config(name)
     return ModelSource("local-dir", name, pretrained, checkpoint=ckpt, model_cfg=model_cfg,
-                       needs_hub=bool(_hub_text_repos(model_cfg)), sha256=_sha256(ckpt))
+                       needs_hub=bool(_hub_text_repos(model_cfg)))
 
 
 @register_source("hf-transformers", lambda name, pretrained: name.startswith("hf:"), priority=1)
@@ -199,8 +194,7 @@ def _resolve_hf_transformers(name: str, pretrained: Optional[str]) -> ModelSourc
     if local and not (folder / "config.json").is_file():
         raise ModelUnavailableError(offline.hf_transformers_message(name, str(folder), "config.json", True, None,
                                                                     "not found"))
-    sha = _sha256(ckpt) if ckpt else (hf_clip.weights_sha256(folder) if local else None)
-    return ModelSource("hf-transformers", name, pretrained, checkpoint=ckpt, needs_hub=not local, sha256=sha)
+    return ModelSource("hf-transformers", name, pretrained, checkpoint=ckpt, needs_hub=not local)
 
 
 @register_source("json-config", lambda name, pretrained: name.lower().endswith(".json"), priority=1)
@@ -259,8 +253,7 @@ def _resolve_open_clip(name: str, pretrained: Optional[str]) -> ModelSource:
     else:   # random weights, or a local file loaded by build: never fetch tower weights
         kwargs.update(pretrained_text=False, pretrained_image=False)
     return ModelSource("open_clip", name, pretrained, checkpoint=ckpt, tag_cfg=tag_cfg, model_cfg=model_cfg,
-                       needs_hub=tag_cfg is not None or bool(_hub_text_repos(model_cfg)), create_kwargs=kwargs,
-                       sha256=_sha256(ckpt))
+                       needs_hub=tag_cfg is not None or bool(_hub_text_repos(model_cfg)), create_kwargs=kwargs)
 
 
 def _unknown_name_message(name: str, known: list[str]) -> str:

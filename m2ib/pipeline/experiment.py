@@ -38,7 +38,8 @@ ROW_KEYS = ["sample_id", "method", "modality"]
 
 
 def build_adapter(model_cfg: dict, device: str, progress: bool = False):
-    """The adapter named by a model config; returns (adapter, identity used as cache key).
+    """The adapter named by a model config; returns (adapter, identity used as cache key: what names the
+    model plus the digest of the weights it loaded, whatever their source).
 
     model.m2ib (optional) overrides the model description's M2IB layers/betas, e.g. for a checkpoint
     fine-tuned on another domain (conf/model/local_checkpoint.yaml)."""
@@ -47,7 +48,7 @@ def build_adapter(model_cfg: dict, device: str, progress: bool = False):
         adapter = build(source, device=device)
         bar.update()
     adapter.m2ib_defaults.update(model_cfg.get("m2ib") or {})
-    return adapter, source.identity()
+    return adapter, {**source.identity(), "weights": adapter.weights_digest()}
 
 
 def load_samples(data_cfg: dict, progress: bool = True) -> tuple[list, int]:
