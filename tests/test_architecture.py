@@ -15,8 +15,9 @@ from m2ib.api import explain
 from m2ib.core.attributor import get_method
 from m2ib.core.errors import ModelUnavailableError
 from m2ib.data.embedded import load_embedded_split
-from m2ib.models.sources import M2IB_SETTINGS, load_adapter, resolve
+from m2ib.models.sources import M2IB_SETTINGS, load_adapter
 from m2ib.pipeline.cache import AttributionCache
+from m2ib.pipeline.experiment import build_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,7 +99,7 @@ def test_explain_equals_a_scripts_run_py_run(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     adapter = load_adapter("m2ib-tiny-vit")
     samples = load_embedded_split("test", limit=3, progress=False)
-    identity = resolve("m2ib-tiny-vit").identity()
+    identity = build_adapter({"name": "m2ib-tiny-vit", "pretrained": None}, "cpu")[1]   # the pipeline's cache key
     for method in ("m2ib", "rise", "random"):
         attributor = get_method(method, adapter, **hp.get(method, {}))
         cached = AttributionCache(tmp_path / "cache", method,
