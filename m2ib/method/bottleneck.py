@@ -278,7 +278,8 @@ class BottleneckResult:
 
 
 def fit_bottleneck(adapter, modality: str, inputs, target: torch.Tensor, hp: ModalityConfig, mode: str,
-                   seeds, amp: bool = False, stats: Optional[dict] = None) -> BottleneckResult:
+                   seeds, amp: bool = False, stats: Optional[dict] = None,
+                   hidden: Optional[torch.Tensor] = None) -> BottleneckResult:
     """Optimise one bottleneck per pair for `hp.steps` Adam steps and return its capacity map.
 
     The prefix up to the first bottleneck layer and the other modality's embedding `target` (B, D) are
@@ -287,10 +288,11 @@ def fit_bottleneck(adapter, modality: str, inputs, target: torch.Tensor, hp: Mod
     elementwise). With several layers (hp.layers, (B3)) the same lambda injects noise after each of them in
     turn, the blocks between them run on the noisy state (adapter.run_blocks), and compression and map are
     those of the first layer. `stats`: {layer: LayerStats} (mode "iba" only, m2ib.method.stats.layer_stats).
+    `hidden`: adapter.prefix(modality, inputs, first layer) when the caller already has it (its clean encode).
     """
     layers = [adapter.check_layer(modality, l) for l in hp.bottleneck_layers]
     with torch.no_grad():
-        hidden = adapter.prefix(modality, inputs, layers[0]).float()
+        hidden = (adapter.prefix(modality, inputs, layers[0]) if hidden is None else hidden).float()
         finite = torch.isfinite(hidden).flatten(1).all(1)
         if not finite.all():
             raise InputError(f"non-finite {modality} activations at layer {layers[0]} for batch rows "

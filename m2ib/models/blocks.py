@@ -1,6 +1,7 @@
-"""One open_clip transformer block written out, for the two things a module call cannot do:
-record attention probabilities with their graph (attention baselines) and evaluate only the
-queries that reach the embedding (the last block needs only the pooled token's row).
+"""One open_clip transformer block written out, for what a module call cannot do: record attention
+probabilities with their graph (attention baselines), evaluate only the queries that reach the
+embedding (the last block needs only the pooled token's row), and run fast under autograd (M2IB's
+steps, gradient baselines): nn.MultiheadAttention's autograd path is slow on the CPU (run_block).
 
 Any block that is not a plain ResidualAttentionBlock falls back to the module call.
 """
@@ -23,19 +24,31 @@ except ImportError:  # pragma: no cover
 
 def is_plain_block(block: nn.Module) -> bool:
     return (isinstance(block, ResidualAttentionBlock) and isinstance(block.attn, nn.MultiheadAttention)
-            and not hasattr(block, "ln_1_kv") and block.attn.batch_first)
+            and not hasattr(block, "ln_1_kv") and block.attn.batch_first and block.attn._qkv_same_embed_dim)
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
 
 def run_block(block: nn.Module, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
               query_index: Optional[torch.Tensor] = None, record: Optional[list] = None) -> torch.Tensor:
     """x (B, N, C) -> (B, N, C), or (B, 1, C) when query_index (B,) selects one query per row.
 
-    Without record and without query_index this is the module call itself (so forward hooks, e.g.
-    pytorch-grad-cam's, see it). attn_mask is open_clip's additive (N, N) float mask or None.
+    Without record and without query_index this is the module call itself when autograd records nothing
+    here (nn.MultiheadAttention's fused inference kernel) or when the block or its attention carries hooks
+    (e.g. pytorch-grad-cam's, which must see the call). Otherwise a plain block is written out with the
+    same operations: under autograd, MultiheadAttention transposes to (N, B, C) and runs its input
+    projection as a batched matmul against the weight broadcast over the N positions, ~40% slower on the
+    CPU than the one matmul over contiguous rows here (the two agree to float32 rounding).
+    attn_mask is open_clip's additive (N, N) float mask or None.
     """
-    if record is None and query_index is None:
+    plain = is_plain_block(block)
+    graph = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters()))
+    if record is None and query_index is None and (not graph or not plain or _hooked(block) or _hooked(block.attn)):
         return block(x, attn_mask=attn_mask)
-    if not is_plain_block(block):
+    if not plain:
         if record is not None:
             raise UnsupportedError(f"attention recording needs open_clip ResidualAttentionBlock, got {type(block).__name__}")
         out = block(x, attn_mask=attn_mask)
@@ -45,17 +58,18 @@ def run_block(block: nn.Module, x: torch.Tensor, attn_mask: Optional[torch.Tenso
     heads = attn.num_heads
     hd = C // heads
     h = block.ln_1(x)
-    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
-    b_q, b_k, b_v = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None, None, None)
-    rows = torch.arange(B, device=x.device)
-    if query_index is not None:
-        x_q, h_q = x[rows, query_index][:, None], h[rows, query_index][:, None]
+    if query_index is None:
+        x_q = x
+        # one (B N, C) x (C, 3C) matmul; q, k, v as (B, heads, N, hd) views of its output
+        q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).view(B, N, 3, heads, hd).permute(2, 0, 3, 1, 4)
     else:
-        x_q, h_q = x, h
+        rows = torch.arange(B, device=x.device)
+        x_q, h_q = x[rows, query_index][:, None], h[rows, query_index][:, None]
+        w_q, w_kv = attn.in_proj_weight.split([C, 2 * C])
+        b_q, b_kv = attn.in_proj_bias.split([C, 2 * C]) if attn.in_proj_bias is not None else (None, None)
+        q = F.linear(h_q, w_q, b_q).view(B, 1, heads, hd).transpose(1, 2)
+        k, v = F.linear(h, w_kv, b_kv).view(B, N, 2, heads, hd).permute(2, 0, 3, 1, 4)
     Q = x_q.shape[1]
-    q = F.linear(h_q, w_q, b_q).view(B, Q, heads, hd).transpose(1, 2)
-    k = F.linear(h, w_k, b_k).view(B, N, heads, hd).transpose(1, 2)
-    v = F.linear(h, w_v, b_v).view(B, N, heads, hd).transpose(1, 2)
     mask = None
     if attn_mask is not None:
         mask = attn_mask.to(q.dtype)
