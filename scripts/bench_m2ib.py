@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from m2ib.method.bottleneck import M2IBConfig
 from m2ib.method.attributor import M2IBAttributor
@@ -62,13 +62,21 @@ def matmul_gflops(device, n=MATMUL_N, reps=10):
     return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
 
 
+def sdpa_flop(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
 def native_mha_flop(query_shape, key_shape, value_shape, embed_dim, num_heads, *args, **kwargs) -> int:
-    """nn.MultiheadAttention's fused inference kernel (self-attention): in-projection, attention, out-projection."""
+    """nn.MultiheadAttention's fused inference kernel: in-projection, attention, out-projection."""
     b, n, e = query_shape
     s = key_shape[1]
     heads_shape = (b, num_heads, n, e // num_heads)
     kv_shape = (b, num_heads, s, e // num_heads)
-    return 2 * b * (n + 2 * s) * e * e + sdpa_flop(heads_shape, kv_shape, kv_shape) + 2 * b * n * e * e
+    return 2 * b * (n + 2 * s) * e * e + sdpa_flop_count(heads_shape, kv_shape, kv_shape) + 2 * b * n * e * e
 
 
 #: fused attention ops with no FLOP formula in torch.utils.flop_counter (the CPU paths)
