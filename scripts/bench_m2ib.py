@@ -13,6 +13,7 @@ Random weights (cost does not depend on weights), both modalities, paper hyperpa
   at every batch size (batch 1: one pair, as in an interactive call) and at the best one.
 
     python scripts/bench_m2ib.py --threads 1 --repeats 3          # ViT-B-32 on the CPU, one thread
+    python scripts/bench_m2ib.py --threads 1 --cpu-bf16             # also the opt-in bf16 autocast on the CPU
     python scripts/bench_m2ib.py --device cuda --batches 1 16 64 256 --amp
 """
 from __future__ import annotations
@@ -105,6 +106,18 @@ def time_best(fn, repeats: int, device) -> float:
     return best
 
 
+def print_bf16(run, fp32_rate: float, release_rate: float, repeats: int, device) -> None:
+    """Time `run` under CPU bf16 autocast; its image/text capacities against fp32's (Pearson r, worst pair)."""
+    fp32 = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = run()
+        rate = len(bf16.image) / time_best(run, repeats, device)
+    corr = {m: min(float(torch.corrcoef(torch.stack([a, b]))[0, 1]) for a, b in
+                   zip(fp32.meta[f"{m}_capacity"], bf16.meta[f"{m}_capacity"])) for m in ("image", "text")}
+    print(f"  with CPU bf16 autocast: {rate:8.3f} pairs/s = {rate / fp32_rate:.2f}x fp32, {rate / release_rate:.1f}x the "
+          f"release cost; capacities' Pearson r to fp32 >= {corr['image']:.4f} (image), {corr['text']:.4f} (text)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B-32")
@@ -115,6 +128,9 @@ def main(argv=None):
     p.add_argument("--layer", type=int, default=9)
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="also time each batch with the call under torch.autocast('cpu', dtype=torch.bfloat16), an "
+                        "opt-in a caller can wrap around M2IB (numerics differ: compared to fp32's capacities)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -148,6 +164,8 @@ def main(argv=None):
         rows.append((b, rate, gflops))
         print(f"fast path, batch {b:4d}: {rate:8.3f} pairs/s   speed-up vs release cost {rate / release_rate:6.1f}x   "
               f"{flops / b / 1e9:6.1f} GFLOP/pair, {gflops:6.1f} GFLOP/s")
+        if args.cpu_bf16 and device.type == "cpu":
+            print_bf16(run, rate, release_rate, args.repeats, device)
         if b == args.batches[0]:
             print("  FLOPs counted (GFLOP/pair): " + ", ".join(f"{op} {n / b / 1e9:.2f}" for op, n in
                                                               sorted(per_op.items(), key=lambda kv: -kv[1])))
