@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from m2ib.method.attributor import M2IBAttributor
 from m2ib.method.bottleneck import M2IBConfig
 from m2ib.models.sources import load_adapter
-from scripts.bench_m2ib import make_inputs, matmul_gflops
+from bench_m2ib import make_inputs, matmul_gflops     # scripts/ is the running script's directory
 
 KINDS = {"matmul": ("mm", "addmm", "bmm", "baddbmm", "linear", "matmul"),
          "attention (fused)": ("_scaled_dot_product_flash_attention_for_cpu",
@@ -41,13 +41,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--layer", type=int, default=9)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     adapter = load_adapter(args.model, pretrained=None)
-    attributor = M2IBAttributor(adapter, M2IBConfig.from_kwargs(layer=9, beta=0.1, steps=10, copies=10, lr=1.0))
+    layer = min(args.layer, adapter.last_valid_layer("image"), adapter.last_valid_layer("text"))
+    attributor = M2IBAttributor(adapter, M2IBConfig.from_kwargs(layer=layer, beta=0.1, steps=10, copies=10, lr=1.0))
     px, tb = make_inputs(adapter, args.batch)
     run = lambda: attributor.attribute(px, tb, list(range(args.batch)))  # noqa: E731
     run()
