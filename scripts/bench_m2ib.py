@@ -120,8 +120,8 @@ def print_bf16(run, fp32_rate: float, release_rate: float, repeats: int, device)
         rate = len(bf16.image) / time_best(run, repeats, device)
     corr = {m: min(float(torch.corrcoef(torch.stack([a, b]))[0, 1]) for a, b in
                    zip(fp32.meta[f"{m}_capacity"], bf16.meta[f"{m}_capacity"])) for m in ("image", "text")}
-    print(f"  with CPU bf16 autocast: {rate:8.3f} pairs/s = {rate / fp32_rate:.2f}x fp32, {rate / release_rate:.1f}x the "
-          f"release cost; capacities' Pearson r to fp32 >= {corr['image']:.4f} (image), {corr['text']:.4f} (text)")
+    print(f"  with CPU bf16 autocast: {rate:8.3f} pairs/s = {rate / fp32_rate:.2f}x fp32, "
+          f"{rate / release_rate:.1f}x the release cost; capacities' Pearson r to fp32 >= {corr['image']:.4f} (image), {corr['text']:.4f} (text)")
 
 
 def main(argv=None):
@@ -150,7 +150,10 @@ def main(argv=None):
           f"layer {layer}, 10 steps x 10 copies, both modalities; {malloc or 'default glibc malloc settings'}")
 
     px, tb = make_inputs(adapter, args.reference_pairs)
-    release = lambda i, c: reference_pair(adapter.model, px[i:i + 1], tb.ids[i:i + 1], int(tb.eot[i]), c, seed=i)  # noqa: E731
+
+    def release(i, c):
+        return reference_pair(adapter.model, px[i:i + 1], tb.ids[i:i + 1], int(tb.eot[i]), c, seed=i)
+
     # every step of the release does the same work: count one (pair 0), times the steps
     release_flops = counted_flops(lambda: release(0, replace(cfg, image=replace(cfg.image, steps=1),
                                                                text=replace(cfg.text, steps=1))))[0] * cfg.image.steps

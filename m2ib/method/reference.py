@@ -40,7 +40,8 @@ def reference_pair(model, pixels: torch.Tensor, ids: torch.Tensor, eot: int, con
                    modalities=("image", "text"), estimators: dict | None = None) -> dict:
     """Capacity per token (summed over channels) of one pair, per modality: {'image': (N,), 'text': (eot+1,)}.
 
-    model: an open_clip CLIP; pixels (1, 3, H, W); ids (1, context) token ids (cut here to SOT..EOT); eot: EOT index.
+    model: an open_clip CLIP (causal text tower pooling its EOT); pixels (1, 3, H, W); ids (1, context) token
+    ids, cut here to SOT..EOT; eot: EOT index.
     estimators: {modality: (mean, std)} tensors broadcasting against the hooked (copies, n, C) state, for
     IBA's bottleneck; a modality left out uses the release's. Noise comes from the same per-pair generators
     as the fast path, so both can be compared exactly.
