@@ -121,7 +121,7 @@ def print_bf16(run, fp32_rate: float, release_rate: float, repeats: int, device)
     corr = {m: min(float(torch.corrcoef(torch.stack([a, b]))[0, 1]) for a, b in
                    zip(fp32.meta[f"{m}_capacity"], bf16.meta[f"{m}_capacity"])) for m in ("image", "text")}
     print(f"  with CPU bf16 autocast: {rate:8.3f} pairs/s = {rate / fp32_rate:.2f}x fp32, "
-          f"{rate / release_rate:.1f}x the release cost; capacities' Pearson r to fp32 >= {corr['image']:.4f} (image), {corr['text']:.4f} (text)")
+          f"{rate / release_rate:.1f}x the release cost; capacities' Pearson r to fp32 >= {corr['image']:.5f} (image), {corr['text']:.5f} (text)")
 
 
 def main(argv=None):
