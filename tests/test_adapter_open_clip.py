@@ -77,3 +77,34 @@ def test_box_mapping_follows_centre_crop(tiny_adapter):
 
 def test_weights_frozen(tiny_adapter):
     assert not any(p.requires_grad for p in tiny_adapter.model.parameters())
+
+
+def test_blocks_written_out_under_autograd_only_when_asked(tiny_adapter, pairs, monkeypatch):
+    """run_block is the module call itself (bit for bit) outside written_out_under_autograd() and for a hooked
+    block; inside it, a block autograd records is written out: equal output and input gradient to float32
+    rounding (1e-5 is ~100x the observed difference), and nn.MultiheadAttention is not called."""
+    from m2ib.models.blocks import run_block, written_out_under_autograd
+    a = tiny_adapter
+    for modality, inputs in (("image", a.preprocess(pairs[0])), ("text", a.tokenize(pairs[1]))):
+        x = a.prefix(modality, inputs, 0).detach().requires_grad_(True)
+        block = a._blocks(modality)[1]
+        mask = None if modality == "image" else a._text_mask(x.shape[1])
+        calls = []
+        forward = block.attn.forward
+        monkeypatch.setattr(block.attn, "forward", lambda *args, **kw: calls.append(1) or forward(*args, **kw))
+        plain = block(x, attn_mask=mask)
+        (grad_plain,) = torch.autograd.grad(plain.square().sum(), x)
+        assert torch.equal(run_block(block, x, mask), plain) and len(calls) == 2
+        with written_out_under_autograd():
+            written = run_block(block, x, mask)
+            assert len(calls) == 2
+            handle = block.register_forward_hook(lambda *args: None)
+            assert torch.equal(run_block(block, x, mask), plain) and len(calls) == 3
+            handle.remove()
+            with torch.no_grad():       # nothing recorded: the fused inference kernel, as outside
+                run_block(block, x, mask)
+            assert len(calls) == 4
+        (grad_written,) = torch.autograd.grad(written.square().sum(), x)
+        torch.testing.assert_close(written, plain, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad_written, grad_plain, rtol=1e-5, atol=1e-5)
+        monkeypatch.undo()

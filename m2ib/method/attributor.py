@@ -64,20 +64,24 @@ class M2IBAttributor(Attributor):
 
     def explain(self, pixels: torch.Tensor, text: TextBatch, seeds: list[int]):
         cfg, ad = self.config, self.adapter
+        inputs = {"image": pixels, "text": text}
         with torch.no_grad():
-            image_emb = ad.encode_image(pixels)
-            text_emb = ad.encode_text(text)
+            # an explained modality's clean encode passes its first bottleneck layer: keep that hidden state
+            # for fit_bottleneck instead of running blocks 0..l again
+            hidden = {m: ad.prefix(m, inputs[m], cfg.for_modality(m).bottleneck_layers[0]) for m in self.modalities}
+            emb = {m: ad.suffix(m, hidden[m], inputs[m], cfg.for_modality(m).bottleneck_layers[0]) if m in hidden
+                   else ad.encode(m, inputs[m]) for m in ("image", "text")}
         image_map = text_scores = None
         meta = {"image_fitting": None, "text_fitting": None}
         if "image" in self.modalities:
-            res = fit_bottleneck(ad, "image", pixels, text_emb, cfg.image, cfg.mode, seeds, cfg.amp,
-                                 self.stats.get("image"))
+            res = fit_bottleneck(ad, "image", pixels, emb["text"], cfg.image, cfg.mode, seeds, cfg.amp,
+                                 self.stats.get("image"), hidden=hidden["image"])
             image_map = normalise_minmax(ad.hidden_to_image_map(res.capacity))
             meta.update(image_capacity=res.capacity.cpu(), image_fitting=res.fitting.cpu())
         if "text" in self.modalities:
-            res = fit_bottleneck(ad, "text", text, image_emb, cfg.text, cfg.mode, seeds, cfg.amp,
-                                 self.stats.get("text"))
+            res = fit_bottleneck(ad, "text", text, emb["image"], cfg.text, cfg.mode, seeds, cfg.amp,
+                                 self.stats.get("text"), hidden=hidden["text"])
             text_scores = ad.hidden_to_text_scores(res.capacity, text)
             meta.update(text_capacity=res.capacity.cpu(), text_fitting=res.fitting.cpu())
-        meta["similarity"] = (image_emb * text_emb).sum(-1).cpu()
+        meta["similarity"] = (emb["image"] * emb["text"]).sum(-1).cpu()
         return image_map, text_scores, meta

@@ -85,6 +85,7 @@ import torch
 
 from m2ib.core.errors import InputError, UnsupportedError
 from m2ib.method.stats import LayerStats, check_stats_config
+from m2ib.models.blocks import written_out_under_autograd
 
 MODES = ("release", "paper", "normalized", "iba")
 RATIOS = ("token_channel", "token")
@@ -283,7 +284,8 @@ class BottleneckResult:
 
 
 def fit_bottleneck(adapter, modality: str, inputs, target: torch.Tensor, hp: ModalityConfig, mode: str,
-                   seeds, amp: bool = False, stats: Optional[dict] = None) -> BottleneckResult:
+                   seeds, amp: bool = False, stats: Optional[dict] = None,
+                   hidden: Optional[torch.Tensor] = None) -> BottleneckResult:
     """Optimise one bottleneck per pair for `hp.steps` Adam steps and return its capacity map.
 
     The prefix up to the first bottleneck layer and the other modality's embedding `target` (B, D) are
@@ -292,10 +294,11 @@ def fit_bottleneck(adapter, modality: str, inputs, target: torch.Tensor, hp: Mod
     elementwise). With several layers (hp.layers, (B3)) the same lambda injects noise after each of them in
     turn, the blocks between them run on the noisy state (adapter.run_blocks), and compression and map are
     those of the first layer. `stats`: {layer: LayerStats} (mode "iba" only, m2ib.method.stats.layer_stats).
+    `hidden`: adapter.prefix(modality, inputs, first layer) when the caller already has it (its clean encode).
     """
     layers = [adapter.check_layer(modality, l) for l in hp.bottleneck_layers]
     with torch.no_grad():
-        hidden = adapter.prefix(modality, inputs, layers[0]).float()
+        hidden = (adapter.prefix(modality, inputs, layers[0]) if hidden is None else hidden).float()
         finite = torch.isfinite(hidden).flatten(1).all(1)
         if not finite.all():
             raise InputError(f"non-finite {modality} activations at layer {layers[0]} for batch rows "
@@ -322,7 +325,8 @@ def fit_bottleneck(adapter, modality: str, inputs, target: torch.Tensor, hp: Mod
         lam = torch.sigmoid(alpha)
         kl = capacity(lam, r, noise_var) * valid[..., None].float()
         z = _inject(lam, r[:, None], valid, estimators[0], generators, hp.copies, lengths)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+        # written-out blocks: the same operations, ~40% faster under autograd on the CPU (models.blocks)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp), written_out_under_autograd():
             for (start, stop), (m, s, v) in zip(zip(layers, layers[1:]), estimators[1:]):
                 h = adapter.run_blocks(modality, z, inputs, start, stop).float().reshape(B, hp.copies, N, C)
                 r_next = h if m is None else (h - m[:, None]) / s[:, None]

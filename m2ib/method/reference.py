@@ -2,8 +2,10 @@
 
 Deliberately naive, like the release: one pair at a time, both full encoders re-run at every step
 through open_clip's own forward (the bottleneck is a forward hook on block l), weights left
-trainable (their gradients are computed and thrown away), text bottlenecked over SOT..EOT only (the
-release tokenises without padding; positions after EOT cannot reach EOT through the causal mask).
+trainable (their gradients are computed and thrown away), text run UNPADDED, SOT..EOT only, and
+bottlenecked there (the release tokenises without padding; open_clip's CLIP forward adds a 77-row
+positional embedding and mask, so the copy's are cut to the caption's length). It is therefore also the
+release's COST, the baseline scripts/bench_m2ib.py reports speed-ups against.
 Several layers (config *_layers, CoIBA-style): one alpha, hooked on every listed block, the information
 term taken at the first. Estimators: the release's (none), or IBA's per-sample bottleneck written as IBA writes it (Schulz et al.
 2020, Sec. 3.1): given a mean m and std s of R, noise epsilon = s * eps + m, Z = lambda R + (1 - lambda)
@@ -25,11 +27,21 @@ def _text_blocks(model):
     return model.transformer.resblocks if hasattr(model, "transformer") else model.text.transformer.resblocks
 
 
+def _cut_text_context(model, length: int) -> None:
+    """Shorten a (copied) open_clip text tower's context to `length` positions, so its own encode_text runs
+    an unpadded caption of that length: positional embedding (kept trainable) and causal mask cut."""
+    t = model if hasattr(model, "transformer") else model.text
+    t.positional_embedding = torch.nn.Parameter(t.positional_embedding[:length].detach().clone())
+    if t.attn_mask is not None:
+        t.attn_mask = t.attn_mask[:length, :length]
+
+
 def reference_pair(model, pixels: torch.Tensor, ids: torch.Tensor, eot: int, config: M2IBConfig, seed: int,
                    modalities=("image", "text"), estimators: dict | None = None) -> dict:
     """Capacity per token (summed over channels) of one pair, per modality: {'image': (N,), 'text': (eot+1,)}.
 
-    model: an open_clip CLIP; pixels (1, 3, H, W); ids (1, context) padded token ids; eot: EOT index.
+    model: an open_clip CLIP (causal text tower pooling its EOT); pixels (1, 3, H, W); ids (1, context) token
+    ids, cut here to SOT..EOT; eot: EOT index.
     estimators: {modality: (mean, std)} tensors broadcasting against the hooked (copies, n, C) state, for
     IBA's bottleneck; a modality left out uses the release's. Noise comes from the same per-pair generators
     as the fast path, so both can be compared exactly.
@@ -37,6 +49,8 @@ def reference_pair(model, pixels: torch.Tensor, ids: torch.Tensor, eot: int, con
     if any(v is None for m in modalities for v in (config.for_modality(m).layer, config.for_modality(m).beta)):
         raise ValueError("reference_pair needs explicit layers and betas (M2IBConfig.with_model_defaults)")
     model = copy.deepcopy(model).eval()
+    _cut_text_context(model, eot + 1)
+    ids = ids[:, : eot + 1]
     for p in model.parameters():
         p.requires_grad_(True)
     out = {}
@@ -50,8 +64,8 @@ def reference_pair(model, pixels: torch.Tensor, ids: torch.Tensor, eot: int, con
         state = {}
 
         def hook(module, args, output, first):
-            n = output.shape[1] if modality == "image" else eot + 1
-            r = output[:, :n]
+            n = output.shape[1]
+            r = output
             if "alpha" not in state:
                 width = r.shape[-1] if hp.ratio == "token_channel" else 1
                 state["alpha"] = torch.nn.Parameter(torch.full((1, n, width), float(hp.init_alpha),
@@ -70,7 +84,7 @@ def reference_pair(model, pixels: torch.Tensor, ids: torch.Tensor, eot: int, con
                 z = lam * r + (1 - lam) * eps
             if first:       # several layers (CoIBA): the information term is the first layer's
                 state["kl"] = kl
-            return torch.cat([z, output[:, n:]], dim=1)
+            return z
 
         # the same alpha at every listed block; hooks fire in block order, so noise is drawn layer by layer
         handles = [blocks[l].register_forward_hook(functools.partial(hook, first=l == layers[0])) for l in layers]
