@@ -152,3 +152,18 @@ def test_layers_and_betas_default_to_the_model_description(tiny_adapter):
 def test_config_and_keywords_together_are_refused(tiny_adapter):
     with pytest.raises(InputError, match="either config= or keyword"):
         M2IBAttributor(tiny_adapter, config=M2IBConfig.from_kwargs(**HP), beta=1.0)
+
+
+def test_amp_runs_the_steps_in_bf16_on_the_cpu_too(tiny_adapter, pairs):
+    """amp=True: bf16 autocast of the steps on the pair's device; other numbers than fp32, the same map
+    up to bf16 rounding (tiny random model: Pearson r of the capacities; 0.9999 measured on ViT-B/32)."""
+    from m2ib.api import explain
+    images, captions = pairs
+    hp = dict(layer=1, steps=3, copies=4)
+    fp32 = explain(tiny_adapter, images, captions, **hp)
+    bf16 = explain(tiny_adapter, images, captions, amp=True, **hp)
+    for m in ("image", "text"):
+        a, b = fp32.meta[f"{m}_capacity"], bf16.meta[f"{m}_capacity"]
+        assert not torch.equal(a, b)                                   # bf16 really ran
+        for x, y in zip(a, b):
+            assert torch.corrcoef(torch.stack([x.flatten(), y.flatten()]))[0, 1] > 0.99, m

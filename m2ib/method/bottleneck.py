@@ -171,7 +171,7 @@ class M2IBConfig:
     image: ModalityConfig = field(default_factory=ModalityConfig)
     text: ModalityConfig = field(default_factory=ModalityConfig)
     mode: str = "release"
-    amp: bool = False   # bf16 autocast of the encoder suffix, CUDA only
+    amp: bool = False   # bf16 autocast of the encoder suffix on the pair's device (CUDA, or a CPU with bf16)
     # mode "iba": the data config its statistics are estimated on (stats.py); the default is the embedded
     # benchmark's val split, which any model can read (for a real model, its own data is the better choice)
     stats: Optional[dict] = field(default_factory=lambda: dict(DEFAULT_STATS))
@@ -320,13 +320,12 @@ def fit_bottleneck(adapter, modality: str, inputs, target: torch.Tensor, hp: Mod
     alpha = torch.full((B, N, width), float(hp.init_alpha), device=hidden.device, requires_grad=True)
     opt = torch.optim.Adam([alpha], lr=hp.lr)
     target_rep = target.detach().float().repeat_interleave(hp.copies, 0)
-    use_amp = amp and hidden.device.type == "cuda"
     for _ in range(hp.steps):
         lam = torch.sigmoid(alpha)
         kl = capacity(lam, r, noise_var) * valid[..., None].float()
         z = _inject(lam, r[:, None], valid, estimators[0], generators, hp.copies, lengths)
         # written-out blocks: the same operations, ~40% faster under autograd on the CPU (models.blocks)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp), written_out_under_autograd():
+        with torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=amp), written_out_under_autograd():
             for (start, stop), (m, s, v) in zip(zip(layers, layers[1:]), estimators[1:]):
                 h = adapter.run_blocks(modality, z, inputs, start, stop).float().reshape(B, hp.copies, N, C)
                 r_next = h if m is None else (h - m[:, None]) / s[:, None]
