@@ -13,12 +13,12 @@ Random weights (cost does not depend on weights), both modalities, paper hyperpa
   at every batch size (batch 1: one pair, as in an interactive call) and at the best one.
 
     python scripts/bench_m2ib.py --threads 1 --repeats 3          # ViT-B-32 on the CPU, one thread
-    python scripts/bench_m2ib.py --threads 1 --cpu-bf16             # also the opt-in bf16 autocast on the CPU
+    python scripts/bench_m2ib.py --threads 1 --cpu-bf16             # also M2IB's amp=True (bf16 steps) on the CPU
     python scripts/bench_m2ib.py --device cuda --batches 1 16 64 256 --amp
 
-On Linux, glibc returns the freed activations of every step to the system and page-faults them back in the
-next: MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 MALLOC_TOP_PAD_=536870912 in the
-environment keeps them (measured ~10% faster at batch 1 on one thread); the header line shows what is set.
+The header line shows any glibc MALLOC_* settings in the environment (keeping freed activations with
+MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ / MALLOC_TOP_PAD_ was measured back to back on the 2-core
+machine: no difference above its ~10% run-to-run noise).
 """
 from __future__ import annotations
 
