@@ -19,7 +19,8 @@ pretrained (config key `model.pretrained`):
 
 Each kind of source is one entry of MODEL_SOURCES (a matcher and a resolver); resolving checks
 everything that can be checked without building (names, tags, files, hashes) and carries the model's
-description: its identity (the attribution cache's key) and its M2IB defaults (M2IB_SETTINGS), which
+description: its identity (what names it; the attribution cache adds the digest of the loaded weights) and its
+M2IB defaults (M2IB_SETTINGS), which
 explain() and Hydra runs both use. The adapter family is picked from the BUILT model, not the name.
 """
 from __future__ import annotations
