@@ -355,6 +355,13 @@ class ModelAdapter(abc.ABC):
             raise InputError(f"run_blocks needs start < stop, got {start} and {stop}")
         return start, stop
 
+    def optimising(self):
+        """A context for many forward and backward passes through suffix() / run_blocks() (M2IB's steps),
+        where an adapter may run a faster form of its blocks that agrees to float32 rounding. open_clip
+        blocks are then written out (m2ib.models.blocks); other methods, outside it, keep the module calls."""
+        from m2ib.models.blocks import written_out_under_autograd   # blocks.py imports this module
+        return written_out_under_autograd()
+
     def weights_digest(self) -> str:
         """sha256 over the model's parameters and buffers (names, shapes, dtypes and bytes, in order): what
         the attribution cache, the layer statistics and the readouts key the weights by, whatever their source
