@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from m2ib.core.metric import METRICS
 from m2ib.core.records import Sample
 from m2ib.pipeline.metric_cache import MetricRowsCache, _decode, _encode
+from m2ib.pipeline.provenance import data_fingerprint
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -22,7 +23,7 @@ def test_rows_round_trip_exactly(tmp_path, pairs):
                          "hit": [True, False, True], "curve": [np.linspace(0, 1, 5, dtype=np.float32),
                                                               np.zeros(2, np.float32), np.ones(7, np.float32)]})
     samples = [Sample(id="a", image=pairs[0][0], caption="x")]
-    cache = MetricRowsCache(tmp_path, "m2ib-key", "m2ib-x", "road", {"k": 1}, samples)
+    cache = MetricRowsCache(tmp_path, "m2ib-key", "m2ib-x", "road", {"k": 1}, data_fingerprint(samples))
     cache.put(rows, seconds=2.5)
     back, seconds = cache.get()
     assert seconds == 2.5
@@ -35,7 +36,7 @@ def test_rows_round_trip_exactly(tmp_path, pairs):
     assert list(back["sample_id"]) == ["a", "001", "c"]           # ids stay strings
     assert back["threshold"].isna().tolist() == [False, True, False]
     assert _encode(pd.DataFrame({"x": [object()]})) is None       # not cacheable: simply rescored
-    other = MetricRowsCache(tmp_path, "m2ib-key", "m2ib", "road", {"k": 1}, samples)
+    other = MetricRowsCache(tmp_path, "m2ib-key", "m2ib", "road", {"k": 1}, data_fingerprint(samples))
     assert other.path != cache.path                               # a variant's rows never serve the plain method
 
 
@@ -85,7 +86,7 @@ def test_a_rerun_scores_nothing_again_and_an_interrupted_run_resumes(tmp_path, m
 
 def test_a_damaged_file_is_reported_deleted_and_rescored(tmp_path, pairs, caplog):
     samples = [Sample(id="a", image=pairs[0][0], caption="x")]
-    cache = MetricRowsCache(tmp_path, "k", "m", "iou", {}, samples)
+    cache = MetricRowsCache(tmp_path, "k", "m", "iou", {}, data_fingerprint(samples))
     cache.put(pd.DataFrame({"sample_id": ["a"], "iou": [0.5]}), 1.0)
     cache.path.write_bytes(cache.path.read_bytes()[:40])
     with caplog.at_level("WARNING"):

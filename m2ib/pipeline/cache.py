@@ -56,14 +56,20 @@ def config_key(payload: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def sources_hash(patterns, skip=()) -> "hashlib._Hash":
+    """sha256 over the paths and bytes of the checkout's files matching `patterns` (names in `skip` left out)."""
+    h = hashlib.sha256()
+    for pattern in patterns:
+        for path in sorted(_ROOT.glob(pattern)):
+            if path.name not in skip:
+                h.update(str(path.relative_to(_ROOT)).encode() + path.read_bytes())
+    return h
+
+
 @lru_cache(maxsize=1)
 def code_version() -> str:
     """Hash of the source files that compute maps, plus torch and open_clip versions."""
-    h = hashlib.sha256()
-    for pattern in _MAP_CODE:
-        for path in sorted(_ROOT.glob(pattern)):
-            if path.name not in _NOT_MAP_CODE:
-                h.update(str(path.relative_to(_ROOT)).encode() + path.read_bytes())
+    h = sources_hash(_MAP_CODE, _NOT_MAP_CODE)
     for pkg in ("torch", "open_clip_torch"):
         try:
             h.update(_md.version(pkg).encode())

@@ -28,7 +28,8 @@ from m2ib.models.sources import build, resolve
 from m2ib.pipeline.compute import compute_attributions
 from m2ib.pipeline.curves import write_curves
 from m2ib.pipeline.metric_cache import MetricRowsCache
-from m2ib.pipeline.provenance import check_overwrite, check_publishable, git_state, result_identity, run_metadata
+from m2ib.pipeline.provenance import (check_overwrite, check_publishable, data_fingerprint, git_state,
+                                      result_identity, run_metadata)
 from m2ib.pipeline.report import input_cells, method_cells, report_settings, write_report
 from m2ib.pipeline.tables import aggregate, write_meta, write_table
 
@@ -135,10 +136,11 @@ def check_model_config(model: dict) -> None:
     check_params("model.m2ib", model.get("m2ib") or {}, M2IB_SETTING_KEYS)
 
 
-def score_cached(spec, params: dict, att, adapter, samples, context: MetricContext, cache_dir) -> tuple:
+def score_cached(spec, params: dict, att, adapter, samples, context: MetricContext, cache_dir, data: str) -> tuple:
     """(rows, seconds it took to score them) of one metric for one method, read from the metric-rows
-    cache where this exact scoring was finished before (an interrupted run resumes after it)."""
-    cache = MetricRowsCache(cache_dir, att.meta.get("cache_key", att.method), att.method, spec.name, params, samples)
+    cache where this exact scoring was finished before (an interrupted run resumes after it).
+    data: data_fingerprint(samples), computed once per run."""
+    cache = MetricRowsCache(cache_dir, att.meta.get("cache_key", att.method), att.method, spec.name, params, data)
     hit = cache.get()
     if hit is not None:
         log.info("%s: %s rows read from %s", att.method, spec.name, cache.path)
@@ -213,6 +215,7 @@ def _run(cfg: dict, run_dir: Optional[Path], tally: _Tally) -> dict:
     pair_rows, own_rows, curve_rows, timings, examples = [], {}, {}, {}, {}
     report = report_settings(cfg.get("report"))
     thumbnails = {}
+    data = data_fingerprint(samples)          # keys every (method, metric)'s cached rows
     for name, attributor in attributors.items():
         start = time.perf_counter()
         tally.start(name)
@@ -228,7 +231,7 @@ def _run(cfg: dict, run_dir: Optional[Path], tally: _Tally) -> dict:
                                 work_dir=Path(cfg["cache_dir"]), progress=progress)
         merged = None
         for metric, (spec, params) in specs.items():
-            rows, seconds = score_cached(spec, params, att, adapter, samples, context, cfg["cache_dir"])
+            rows, seconds = score_cached(spec, params, att, adapter, samples, context, cfg["cache_dir"], data)
             timings[name][f"{metric}_seconds_per_pair"] = seconds / len(samples)
             if rows.empty:
                 continue

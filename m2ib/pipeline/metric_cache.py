@@ -15,22 +15,19 @@ once, deleted and rescored.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import zipfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 
-from m2ib.core.records import Sample
-from m2ib.pipeline.cache import config_key, fingerprint, write_npz
+from m2ib.pipeline.cache import config_key, sources_hash, write_npz
 
 log = logging.getLogger(__name__)
-_ROOT = Path(__file__).resolve().parents[2]
 _CODE = ("m2ib/**/*.py", "metrics/*.py", "baselines/*.py")
 _UNREADABLE = (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile)
 #: column kinds stored in the file's "__kinds__" array
@@ -39,26 +36,16 @@ _NUMBER, _STRING, _CURVE = "n", "s", "c"
 
 @lru_cache(maxsize=1)
 def library_version() -> str:
-    h = hashlib.sha256()
-    for pattern in _CODE:
-        for path in sorted(_ROOT.glob(pattern)):
-            h.update(str(path.relative_to(_ROOT)).encode() + path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def samples_key(samples: Sequence[Sample]) -> str:
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(f"{s.id}\t{fingerprint(s)}\n".encode())
-    return h.hexdigest()
+    return sources_hash(_CODE).hexdigest()[:16]
 
 
 class MetricRowsCache:
     """`<root>/metric-rows/<metric>-<key>.npz`: one method's rows of one metric."""
 
-    def __init__(self, root, attribution_key: str, label: str, metric: str, params: dict, samples: Sequence[Sample]):
+    def __init__(self, root, attribution_key: str, label: str, metric: str, params: dict, data: str):
+        """data: the evaluated samples' fingerprint (provenance.data_fingerprint, computed once per run)."""
         identity = {"attribution": attribution_key, "label": label, "metric": metric, "params": params,
-                    "samples": samples_key(samples), "code": library_version()}
+                    "samples": data, "code": library_version()}
         self.path = Path(root) / "metric-rows" / f"{metric}-{config_key(identity)}.npz"
 
     def get(self) -> Optional[tuple[pd.DataFrame, float]]:
